@@ -1,0 +1,67 @@
+"""The ``nightlab`` command. Thin: parses arguments and calls the library.
+
+Subcommands are grouped by what they act on; each group registers itself from its own module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nightlab import __version__
+from nightlab.config import ConfigError
+
+GROUPS = ("nightlab.cli.lab", "nightlab.cli.research", "nightlab.cli.report")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="nightlab",
+        description=(
+            "Autonomous overnight LLM research. Agents edit train.py, the lab trains it for a fixed "
+            "wall-clock budget, a trusted evaluator measures val_bpb (lower is better), and the loop "
+            "keeps a change only when it really improved."
+        ),
+        epilog=(
+            "Typical night:  nightlab init mylab && cd mylab && nightlab prepare && nightlab run --hours 8\n"
+            "Morning:        nightlab report --open"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nightlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError) as e:
+        print(f"nightlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nightlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

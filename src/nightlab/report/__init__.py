@@ -1,0 +1,1 @@
+"""What the user looks at: the live view, the HTML report and plots, samples from the best model."""

@@ -1,0 +1,1 @@
+"""The research loop: store, git, runner, policy, scheduler, agents, org, executors."""

@@ -1,0 +1,1 @@
+"""Proposers: whatever edits train.py for the next experiment. See ``base.Proposer``."""
