@@ -1,0 +1,318 @@
+"""One trial: train ``train.py`` under a hard wall-clock cap, then judge it with the trusted evaluator.
+
+Both stages run as child processes in their own process group (session), so the whole group can be
+stopped at once: at the cap, on an error, and at the end of every stage even on success, so no
+stray process keeps GPU memory into the next trial. Output goes straight to files in the run
+folder (``train.log``, ``eval.log``), so nothing is lost if the runner itself is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightlab.config import Config
+
+TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
+TERM_GRACE_S = 10.0  # SIGTERM first; SIGKILL the group if it is still there after this
+LOG_TAIL_LINES = 50
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    status: str  # ok | crash | timeout | invalid
+    val_bpb: float | None = None
+    reason: str = ""  # one line: why the trial is not ok ("NaN", "exit code 1", ...)
+    summary: dict[str, Any] = field(default_factory=dict)  # train.py's summary.json
+    eval: dict[str, Any] = field(default_factory=dict)  # the evaluator's eval.json
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    total_s: float = 0.0
+    log_tail: str = ""  # last lines of train.log
+    error: str = ""  # the traceback (of training or evaluation) if the log shows one, else the log's tail
+    device: str = ""
+    preset: str = ""
+
+
+@dataclass(frozen=True)
+class _Stage:
+    returncode: int | None  # None: stopped at the cap
+    seconds: float
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; anything else is kept."""
+    if device != "auto":
+        return device
+    import torch  # lazily: resolving a device is the only reason the runner needs torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_preset(preset: str, device: str) -> str:
+    if preset != "auto":
+        return preset
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: str, preset: str) -> dict[str, str]:
+    """The environment contract of ``train.py`` (docs/architecture.md)."""
+    env = dict(os.environ)
+    env.update(
+        NIGHTLAB_DATA=str(data_dir),
+        NIGHTLAB_OUT=str(run_dir),
+        NIGHTLAB_BUDGET_S=repr(float(config.lab.budget_s)),
+        NIGHTLAB_DEVICE=device,
+        NIGHTLAB_PRESET=preset,
+        NIGHTLAB_SEED=str(int(seed)),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def run_trial(
+    workdir: Path,
+    run_dir: Path,
+    config: Config,
+    seed: int,
+    *,
+    data_dir: Path,
+    on_progress: Callable[[str], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+) -> TrialResult:
+    """Train ``workdir/train.py`` into ``run_dir`` and evaluate it.
+
+    ``on_progress`` gets each line train.py prints, as it prints it. ``on_stage(stage, pgid)`` is
+    called when the ``train`` and ``eval`` processes start, so a caller can record the process
+    group and stop it after its own crash.
+    """
+    workdir, run_dir, data_dir = Path(workdir).resolve(), Path(run_dir).resolve(), Path(data_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.lab.device)
+    preset = resolve_preset(config.lab.preset, device)
+    env = train_env(config, run_dir, data_dir, seed, device, preset)
+    started = time.monotonic()
+    common = dict(device=device, preset=preset)
+
+    cap = config.lab.budget_s + config.lab.startup_allowance_s
+    train_log = run_dir / "train.log"
+    train = _run_group(
+        [sys.executable, "train.py"], workdir, env, train_log, cap,
+        on_line=on_progress, on_start=lambda pid: on_stage and on_stage("train", pid),
+    )
+    summary = _read_json(run_dir / "summary.json")
+    log_tail = _tail(train_log)
+    base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
+
+    if train.returncode is None:
+        return _done(started, status="timeout", reason=f"training passed the hard cap of {cap:g} s and was stopped",
+                     error=log_tail, **base)
+    if train.returncode != 0:
+        return _done(started, status="crash", reason=_exit_reason(train.returncode, log_tail),
+                     error=_traceback(log_tail), **base)
+    if _is_nan(summary.get("val_bpb")) or _is_nan(summary.get("train_loss")):
+        return _done(started, status="crash", reason="NaN: training diverged", error=log_tail, **base)
+    weights = run_dir / "model.pt"
+    if not weights.exists():
+        return _done(started, status="crash", reason="train.py exited without writing model.pt (call lab.finish)",
+                     error=log_tail, **base)
+
+    eval_out, eval_log = run_dir / "eval.json", run_dir / "eval.log"
+    eval_out.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(workdir / "train.py"),
+        "--weights", str(weights), "--data", str(data_dir), "--out", str(eval_out),
+        "--device", device, "--preset", preset,
+    ]
+    if config.lab.eval_max_tokens > 0:
+        command += ["--max-tokens", str(config.lab.eval_max_tokens)]
+    evaluation = _run_group(
+        command, workdir, env, eval_log, config.lab.eval_timeout_s,
+        on_start=lambda pid: on_stage and on_stage("eval", pid),
+    )
+    report = _read_json(eval_out)
+    base.update(eval=report, eval_s=evaluation.seconds)
+    return _done(started, **base, **_judge(evaluation, report, eval_log, config.lab.eval_timeout_s))
+
+
+def _judge(evaluation: _Stage, report: dict[str, Any], eval_log: Path, timeout_s: float) -> dict[str, Any]:
+    """Turn the evaluator's exit and eval.json into status, val_bpb, reason and error."""
+    eval_tail = _tail(eval_log)
+    if evaluation.returncode is None:
+        return dict(status="timeout", reason=f"evaluation passed its cap of {timeout_s:g} s", error=eval_tail)
+    status = report.get("status")
+    if status == "invalid":
+        return dict(status="invalid", reason=f"evaluator: {report.get('reason') or 'invalid model'}")
+    if status != "ok":
+        why = report.get("reason") or _exit_reason(evaluation.returncode, eval_tail)
+        return dict(status="crash", reason=f"evaluation failed: {why}", error=_traceback(eval_tail))
+    val_bpb = report.get("val_bpb")
+    if _is_nan(val_bpb) or not isinstance(val_bpb, (int, float)):
+        return dict(status="crash", reason=f"NaN: val_bpb is {val_bpb}", val_bpb=None, error=eval_tail)
+    return dict(status="ok", val_bpb=float(val_bpb))
+
+
+def _done(started: float, **fields: Any) -> TrialResult:
+    return TrialResult(total_s=time.monotonic() - started, **fields)
+
+
+def _run_group(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log_path: Path,
+    cap_s: float,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[int], object] | None = None,
+) -> _Stage:
+    """Run ``command`` in a new session, output to ``log_path``; stop the group at ``cap_s``.
+
+    Output is written by the child to the file itself (not a pipe), and read back for
+    ``on_line``: a survivor holding a pipe open cannot block us, and a killed runner loses no log.
+    """
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    if on_start:
+        on_start(proc.pid)
+    follower = _LogFollower(log_path, on_line)
+    returncode: int | None = None
+    try:
+        while True:
+            try:
+                returncode = proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                follower.poll()
+                if time.monotonic() - started > cap_s:
+                    break
+    finally:
+        stop_group(proc.pid)
+        proc.wait()
+        follower.poll(final=True)
+    return _Stage(returncode=returncode, seconds=time.monotonic() - started)
+
+
+def stop_group(pgid: int, grace_s: float | None = None) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace_s`` (default ``TERM_GRACE_S``), and wait
+    until no member is left."""
+    if not group_alive(pgid):
+        return
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + (TERM_GRACE_S if grace_s is None else grace_s)
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp ...
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _LogFollower:
+    """Hands each complete new line of a growing log file to a callback."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None] | None):
+        self.path, self.on_line, self.offset, self.partial = path, on_line, 0, b""
+
+    def poll(self, final: bool = False) -> None:
+        if self.on_line is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        self.offset += len(chunk)
+        data = self.partial + chunk
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if final and self.partial:
+            lines.append(self.partial)
+            self.partial = b""
+        for line in lines:
+            self.on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _traceback(log_tail: str) -> str:
+    """From the last ``Traceback`` on, if the log shows one; else the whole tail."""
+    at = log_tail.rfind("Traceback (most recent call last)")
+    return log_tail[at:] if at >= 0 else log_tail
+
+
+def _exit_reason(returncode: int, log_tail: str) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    last = [line for line in log_tail.splitlines() if line.strip()]
+    what = last[-1].strip() if last else "no output"
+    return f"exit code {returncode}: {what[:200]}"
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,132 @@
+"""The runner: real subprocesses of the stand-in train.py and the real trusted evaluator."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.standin.helpers import STANDIN, make_dataset, set_constant
+from nightlab.config import Config
+from nightlab.research import runner
+from nightlab.research.runner import group_alive, run_trial
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _config(budget_s=0.5, allowance_s=30.0) -> Config:
+    return Config().with_overrides(
+        [f"lab.budget_s={budget_s}", f"lab.startup_allowance_s={allowance_s}", "lab.device='cpu'", "lab.eval_timeout_s=60"]
+    )
+
+
+def _workdir(tmp_path: Path, **constants) -> Path:
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    text = STANDIN.read_text()
+    for name, value in constants.items():
+        text = set_constant(text, name, value)
+    (work / "train.py").write_text(text)
+    return work
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_ok_trial_streams_progress_and_is_judged_by_the_evaluator(tmp_path, data_dir):
+    lines: list[str] = []
+    stages: list[str] = []
+    result = run_trial(_workdir(tmp_path), tmp_path / "run", _config(), seed=7, data_dir=data_dir,
+                       on_progress=lines.append, on_stage=lambda stage, pid: stages.append(stage))
+    assert result.status == "ok", result
+    assert result.val_bpb is not None and 0 < result.val_bpb < 9
+    assert result.eval["val_bpb"] == result.val_bpb
+    assert result.summary["num_steps"] == 1 and result.summary["peak_memory_mb"] == 12.5
+    assert "step 0 | budget 0.5 s | device cpu" in lines
+    assert "---" in lines and (tmp_path / "run" / "train.log").read_text().count("step 1") == 1
+    assert stages == ["train", "eval"]
+    assert result.device == "cpu" and result.preset == "cpu"
+    assert result.total_s >= result.train_s + result.eval_s - 0.01
+
+
+def test_sharper_unigram_scores_better(tmp_path, data_dir):
+    flat = run_trial(_workdir(tmp_path / "a", SHARPNESS=0.0), tmp_path / "a/run", _config(), 0, data_dir=data_dir)
+    sharp = run_trial(_workdir(tmp_path / "b", SHARPNESS=1.0), tmp_path / "b/run", _config(), 0, data_dir=data_dir)
+    assert flat.status == sharp.status == "ok"
+    assert sharp.val_bpb < flat.val_bpb - 0.1
+
+
+def test_crash_keeps_the_traceback(tmp_path, data_dir):
+    result = run_trial(_workdir(tmp_path, MODE="crash"), tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "crash"
+    assert result.error.startswith("Traceback (most recent call last)")
+    assert "RuntimeError: stand-in crash" in result.error
+    assert result.reason.startswith("exit code 1: RuntimeError: stand-in crash")
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_nan_training_is_a_crash_named_nan(tmp_path, data_dir):
+    result = run_trial(_workdir(tmp_path, MODE="nan"), tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "crash" and result.reason.startswith("NaN")
+    assert result.val_bpb is None
+
+
+def test_missing_model_is_a_crash_that_names_lab_finish(tmp_path, data_dir):
+    result = run_trial(_workdir(tmp_path, MODE="nomodel"), tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "crash" and "lab.finish" in result.reason
+
+
+def test_leaking_model_is_invalid(tmp_path, data_dir):
+    result = run_trial(_workdir(tmp_path, MODE="leak"), tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "invalid", result
+    assert result.val_bpb is None
+
+
+def test_hard_cap_stops_the_whole_group_even_when_it_ignores_sigterm(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(runner, "TERM_GRACE_S", 0.5)
+    started = time.monotonic()
+    pgids: list[int] = []
+    run_dir = tmp_path / "run"
+    result = run_trial(_workdir(tmp_path, MODE="stubborn"), run_dir, _config(budget_s=0.5, allowance_s=1.5), 0,
+                       data_dir=data_dir, on_stage=lambda stage, pid: pgids.append(pid))
+    elapsed = time.monotonic() - started
+    assert result.status == "timeout" and "hard cap of 2 s" in result.reason
+    assert 2.0 <= elapsed < 8.0
+    child = int((run_dir / "child.pid").read_text())
+    assert not _pid_alive(child), "the grandchild survived the cap"
+    assert not group_alive(pgids[0])
+
+
+def test_survivors_are_killed_after_a_successful_stage(tmp_path, data_dir):
+    # train.py exits 0 but leaves a background process in its group: it must not outlive the trial.
+    work = _workdir(tmp_path)
+    text = (work / "train.py").read_text().replace(
+        "    time.sleep(SLEEP_S)\n",
+        "    time.sleep(SLEEP_S)\n    (out / 'child.pid').write_text(str(subprocess.Popen(['sleep', '600']).pid))\n",
+    )
+    (work / "train.py").write_text(text)
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "ok"
+    assert not _pid_alive(int((tmp_path / "run" / "child.pid").read_text()))
+
+
+def test_env_contract_resolves_auto_device_in_the_runner(tmp_path, data_dir):
+    config = Config().with_overrides(["lab.device='auto'", "lab.preset='auto'"])
+    env = runner.train_env(config, tmp_path, data_dir, 5, runner.resolve_device("auto"), "cpu")
+    import torch
+
+    assert env["NIGHTLAB_DEVICE"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert env["NIGHTLAB_SEED"] == "5" and env["NIGHTLAB_DATA"] == str(data_dir)
+    assert float(env["NIGHTLAB_BUDGET_S"]) == 300.0 and env["NIGHTLAB_OUT"] == str(tmp_path)
+    assert runner.resolve_preset("auto", "cuda:1") == "gpu" and runner.resolve_preset("auto", "cpu") == "cpu"
+    assert os.environ.get("NIGHTLAB_OUT") is None
