@@ -22,7 +22,7 @@ def create(name: str, config: Config, lab_dir: Path) -> Proposer:
     if name == "search":
         from nightlab.research.agents.search import SearchProposer
 
-        return SearchProposer(config.search, storage=lab_dir / ".nightlab" / "optuna.db")
+        return SearchProposer(config.search, storage=lab_dir / ".nightlab" / "optuna.db", seed=config.lab.seed)
     if name == "api":
         from nightlab.research.agents.api import ApiProposer
 

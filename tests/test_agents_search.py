@@ -1,0 +1,153 @@
+"""The search proposer: constants found and rewritten in place, Optuna improving a stand-in objective."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from nightlab.config import Config, ConfigError, SearchAgentConfig
+from nightlab.research import agents
+from nightlab.research.agents.base import Context
+from nightlab.research.agents.constants import find_constants, write_constants
+from nightlab.research.agents.search import FAIL_VALUE, SearchProposer, dimension_for, search_space
+
+SOURCE = '''"""A stand-in train.py."""
+import math
+
+S = "é"; X = 12  # the x knob (a non-ASCII character precedes it on this line)
+Y = 0.08  # the y knob
+COMPILE = True  # a switch, not a number
+NAME = "gpt"
+WARMUP = 0.0  # zero: not tuned
+TOTAL = 2**19  # tokens per step
+OFFSET = -1
+WIDE = 3 * 1024
+CAP = 0.95  # stays below one
+lower_case = 5
+
+if math.pi > 3:
+    X = 4  # a second assignment of X
+    DERIVED = X * 2
+
+
+def f():
+    INSIDE = 3
+    return INSIDE
+'''
+
+
+def objective(source: str) -> float:
+    """The stand-in for val_bpb: a bowl with its minimum at X = 7, Y = 0.02."""
+    values = {c.key: c.value for c in find_constants(source)}
+    return (values["X"] - 7) ** 2 / 50 + (values["Y"] - 0.02) ** 2 * 1000
+
+
+def test_constants_found_with_values_and_keys() -> None:
+    found = {c.key: c.value for c in find_constants(SOURCE)}
+    assert found == {
+        "X": 12, "Y": 0.08, "WARMUP": 0.0, "TOTAL": 2**19, "OFFSET": -1, "WIDE": 3072, "CAP": 0.95, "X#2": 4,
+    }
+    assert [c.is_pow2_form for c in find_constants(SOURCE) if c.key == "TOTAL"] == [True]
+
+
+def test_write_back_changes_only_the_values() -> None:
+    out = write_constants(SOURCE, {"X": 9, "Y": 0.031, "TOTAL": 2**20, "WIDE": 4096, "X#2": 5})
+    changed = [(a, b) for a, b in zip(SOURCE.splitlines(), out.splitlines()) if a != b]
+    assert changed == [
+        ('S = "é"; X = 12  # the x knob (a non-ASCII character precedes it on this line)',
+         'S = "é"; X = 9  # the x knob (a non-ASCII character precedes it on this line)'),
+        ("Y = 0.08  # the y knob", "Y = 0.031  # the y knob"),
+        ("TOTAL = 2**19  # tokens per step", "TOTAL = 2**20  # tokens per step"),
+        ("WIDE = 3 * 1024", "WIDE = 4096"),
+        ("    X = 4  # a second assignment of X", "    X = 5  # a second assignment of X"),
+    ]
+    with pytest.raises(KeyError, match="NOPE"):
+        write_constants(SOURCE, {"NOPE": 1})
+
+
+def test_search_space_follows_the_values() -> None:
+    dims = {d.key: d for d in search_space(SOURCE)}
+    assert set(dims) == {"X", "Y", "TOTAL", "WIDE", "CAP", "X#2"}  # zero, negative, bool, str skipped
+    assert (dims["X"].kind, dims["X"].low, dims["X"].high) == ("int", 6, 24)
+    assert (dims["TOTAL"].kind, dims["TOTAL"].low, dims["TOTAL"].high) == ("pow2", 17, 21)
+    assert dims["Y"].log and math.isclose(dims["Y"].low, 0.02) and math.isclose(dims["Y"].high, 0.32)
+    assert dims["CAP"].high < 1
+    assert (dims["WIDE"].kind, dims["WIDE"].low, dims["WIDE"].high, dims["WIDE"].log) == ("int", 768, 12288, True)
+    assert [d.key for d in search_space(SOURCE, ("Y",))] == ["Y"]
+    with pytest.raises(ConfigError, match="NOPE"):
+        search_space(SOURCE, ("NOPE",))
+    zero = find_constants("Z = 0\n")[0]
+    assert dimension_for(zero) is None
+
+
+def _run(proposer: SearchProposer, start: str, workdir: Path, n: int) -> tuple[float, str, list[str]]:
+    """A greedy loop around the proposer: keep what lowers the objective."""
+    best_source, best = start, objective(start)
+    descriptions = []
+    for _ in range(n):
+        worktree = workdir / "wt"
+        worktree.mkdir(exist_ok=True)
+        (worktree / "train.py").write_text(best_source)
+        proposal = proposer.propose(Context("p", {"train.py": best_source}, "", best_val_bpb=best), worktree)
+        source = (worktree / "train.py").read_text()
+        value = objective(source)
+        proposer.observe(proposal, "keep" if value < best else "discard", value)
+        descriptions.append(proposal.description)
+        if value < best:
+            best, best_source = value, source
+    return best, best_source, descriptions
+
+
+def test_tpe_improves_the_stand_in_objective_and_keeps_comments(tmp_path: Path) -> None:
+    config = SearchAgentConfig(constants=("X", "Y"))
+    proposer = SearchProposer(config, storage=tmp_path / "optuna.db", seed=3)
+    initial = objective(SOURCE)
+    best, best_source, descriptions = _run(proposer, SOURCE, tmp_path, 30)
+    assert best < initial / 10, (initial, best)
+    assert descriptions[0].startswith("search: X 12→")  # the baseline was told, not re-run
+    assert "# the x knob (a non-ASCII" in best_source and "# the y knob" in best_source
+    assert [a for a, b in zip(SOURCE.splitlines(), best_source.splitlines()) if a != b] == [
+        line for line in SOURCE.splitlines() if line.startswith(('S = "é"; X =', "Y ="))
+    ]
+    values, value = proposer.best()
+    assert math.isclose(value, best)
+
+    # A new proposer on the same storage continues the study with its original space.
+    again = SearchProposer(config, storage=tmp_path / "optuna.db", seed=3)
+    proposal = again.propose(Context("p", {"train.py": best_source}, "", best_val_bpb=best), tmp_path / "wt")
+    assert len(again._study.trials) == 32  # 30 + the baseline + this one
+    assert [d.low for d in again._space] == [6, pytest.approx(0.02)]  # anchored at the first baseline
+    again.observe(proposal, "discard", objective((tmp_path / "wt" / "train.py").read_text()))
+
+
+def test_failures_are_told_as_bad_values_and_baseline_comes_first(tmp_path: Path) -> None:
+    proposer = SearchProposer(SearchAgentConfig(constants=("X", "Y")), storage=None)
+    (tmp_path / "train.py").write_text(SOURCE)
+    first = proposer.propose(Context("p", {"train.py": SOURCE}, ""), tmp_path)  # no measured best yet
+    assert first.description == "search: baseline values"
+    assert (tmp_path / "train.py").read_text() == SOURCE
+    proposer.observe(first, "keep", 4.1)
+    second = proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=4.1), tmp_path)
+    assert second.params != first.params and second.description.startswith("search: ")
+    proposer.observe(second, "crash", None)
+    values = [t.value for t in proposer._study.trials]
+    assert values == [4.1, FAIL_VALUE]
+
+
+def test_cmaes_sampler_proposes_within_the_space(tmp_path: Path) -> None:
+    proposer = SearchProposer(SearchAgentConfig(sampler="cmaes", constants=("X", "Y")), storage=tmp_path / "o.db")
+    best, _, descriptions = _run(proposer, SOURCE, tmp_path, 12)
+    assert best < objective(SOURCE)
+    for trial in proposer._study.trials:
+        assert 6 <= trial.params["X"] <= 24 and 0.02 <= trial.params["Y"] <= 0.32
+
+
+def test_factory_puts_the_study_in_the_lab_state(tmp_path: Path) -> None:
+    proposer = agents.create("search", Config().with_overrides(["search.constants=['Y']"]), tmp_path)
+    (tmp_path / "train.py").write_text(SOURCE)
+    proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
+    assert (tmp_path / ".nightlab" / "optuna.db").exists()
+    with pytest.raises(ConfigError, match="sampler"):
+        SearchProposer(SearchAgentConfig(sampler="grid"))
