@@ -1,0 +1,473 @@
+"""The trusted evaluator: validation bits per byte of a trained ``train.py``, in its own process.
+
+``python -m nightlab.lab.evaluate --train-py PATH --weights model.pt --data DIR --out eval.json``
+imports ``train.py`` without running its ``__main__`` block, calls ``build_model()``, loads the
+saved state dict, and scores the whole pinned validation split once, in a fixed order, at a fixed
+sequence length. The model only supplies logits; the evaluator computes the cross-entropy itself
+with references to torch functions taken when this module was imported, before ``train.py`` was,
+so a ``train.py`` that patches ``torch`` (a fused or smoothed ``cross_entropy``, say) cannot change
+its own score; the windows, targets and byte counts are all fixed before ``train.py`` is imported.
+This is not a sandbox: code that sets out to subvert the process is for the reviewer role and the
+allowed-files check to stop.
+
+Before scoring, a causality probe changes the tokens after a position t (early, middle and late t)
+and checks that the log-probabilities at positions <= t stay put, and that a window's
+log-probabilities do not depend on the other windows of its batch. A model that fails, or whose
+logits have the wrong shape or are not finite, is ``invalid``.
+
+The val stream is cut into windows of ``seq_len + 1`` tokens with stride ``seq_len``, so every
+target is predicted exactly once; the last, shorter window counts too. Targets whose token has no
+bytes (BOS and other special tokens) are not scored:
+
+    val_bpb = sum of nats over scored targets / (ln 2 * sum of their UTF-8 bytes)
+
+Exit codes: 0 ok, 3 invalid, 1 error (the traceback is in ``reason`` and on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+# Taken now, before any train.py runs in this process: the loss is computed only through these.
+_log_softmax = torch.log_softmax
+_gather = torch.gather
+_unsqueeze = torch.unsqueeze
+_squeeze = torch.squeeze
+_neg = torch.neg
+_sub = torch.sub
+_abs = torch.abs
+_gt = torch.gt
+_mul = torch.mul
+_add = torch.add
+_any = torch.any
+_all = torch.all
+_nonzero = torch.nonzero
+_where = torch.where
+_sum = torch.sum
+_isfinite = torch.isfinite
+_tensor_to = torch.Tensor.to
+_tensor_item = torch.Tensor.item
+_autocast_cls = torch.autocast
+_inference_mode = torch.inference_mode
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 3
+DEFAULT_SEQ_LEN = 2048
+PROBE_SEED = 1234  # fixed: the same windows and replacements every run
+PROBE_WINDOWS = 2  # random val windows the causality probe checks
+PROBE_TOLERANCE = 1e-3  # |Δ log-prob| allowed: this much absolute plus this much relative (fp32)
+LOGITS_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}  # fp32 logits per batch, for the default batch size
+
+
+class InvalidModel(Exception):
+    """The model breaks a rule of the evaluation (leaks the future, bad shape, non-finite logits)."""
+
+
+@dataclass(frozen=True)
+class ValSplit:
+    """The pinned validation split, read before any train.py code runs."""
+
+    tokens: np.ndarray  # int64[N]: the val stream (documents, each preceded by BOS)
+    token_bytes: np.ndarray  # int64[vocab]: UTF-8 bytes of each token, 0 for special tokens
+    vocab_size: int
+    corpus_hash: str
+
+
+def read_val_split(data_dir: Path) -> ValSplit:
+    """Read ``val.tokens.npy``, ``token_bytes.npy`` and ``manifest.json`` of a prepared dataset."""
+    data_dir = Path(data_dir)
+    missing = [n for n in ("manifest.json", "val.tokens.npy", "token_bytes.npy") if not (data_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{data_dir} is not a prepared dataset (missing {', '.join(missing)}); run `nightlab prepare` first"
+        )
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    tokens = np.load(data_dir / "val.tokens.npy").astype(np.int64)
+    token_bytes = np.load(data_dir / "token_bytes.npy").astype(np.int64)
+    vocab_size = int(manifest.get("vocab_size", len(token_bytes)))
+    if len(token_bytes) != vocab_size:
+        raise ValueError(f"{data_dir}: token_bytes.npy has {len(token_bytes)} entries, manifest vocab_size is {vocab_size}")
+    if len(tokens) < 2:
+        raise ValueError(f"{data_dir}: val.tokens.npy holds {len(tokens)} tokens; at least 2 are needed to score one")
+    if tokens.max() >= vocab_size:
+        raise ValueError(f"{data_dir}: val.tokens.npy holds token id {tokens.max()} >= vocab_size {vocab_size}")
+    return ValSplit(tokens, token_bytes, vocab_size, str(manifest.get("corpus_hash", "")))
+
+
+def evaluate(
+    train_py: Path,
+    weights: Path,
+    data_dir: Path,
+    *,
+    device: str = "cpu",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int | None = None,
+    max_tokens: int = 0,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """Score ``train.py``'s model with ``weights`` on the val split; never raises, returns eval.json's dict.
+
+    ``max_tokens`` > 0 scores only the first that many targets (quick CPU labs); ``preset`` is
+    handed to ``build_model()`` as ``NIGHTLAB_PRESET``.
+    """
+    start = time.perf_counter()
+    device = resolve_device(device)
+    result: dict[str, Any] = {
+        "status": "error",
+        "val_bpb": None,
+        "val_loss_nats": None,
+        "tokens": 0,
+        "bytes": 0,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "causal": False,
+        "reason": "",
+        "eval_s": 0.0,
+        "corpus_hash": "",
+        "device": device,
+    }
+    try:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        val = read_val_split(Path(data_dir))
+        result["corpus_hash"] = val.corpus_hash
+        # Everything that decides what is scored is fixed before train.py's code runs.
+        probes = plan_probes(val, seq_len)
+        plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size), max_tokens)
+        model = load_model(Path(train_py), Path(weights), device, data_dir=Path(data_dir), preset=preset)
+        with _inference_mode():
+            check_causality(model, probes, val.vocab_size, device)
+            result["causal"] = True
+            nats = score(model, plan, val.vocab_size, device)
+        result.update(
+            status="ok",
+            val_bpb=nats / (math.log(2) * plan.bytes),
+            val_loss_nats=nats / plan.tokens,
+            tokens=plan.tokens,
+            bytes=plan.bytes,
+        )
+    except InvalidModel as e:
+        result.update(status="invalid", reason=str(e))
+    except Exception:
+        result.update(status="error", reason=traceback.format_exc())
+    result["eval_s"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading train.py's model
+
+
+def load_model(train_py: Path, weights: Path, device: str, *, data_dir: Path, preset: str | None) -> torch.nn.Module:
+    """Import ``train_py`` (its ``__main__`` block does not run), build the model, load the weights."""
+    if not train_py.is_file():
+        raise FileNotFoundError(f"train.py not found: {train_py}")
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights not found: {weights} (train.py saves them with lab.finish(model, summary))")
+    env = {"NIGHTLAB_DATA": str(data_dir), "NIGHTLAB_DEVICE": device}
+    if preset:
+        env["NIGHTLAB_PRESET"] = preset
+    with _train_py_context(train_py, env):
+        module = _import_file(train_py)
+        build_model = getattr(module, "build_model", None)
+        if not callable(build_model):
+            raise AttributeError(f"{train_py} defines no build_model(); it must, at module level, for the evaluator")
+        model = build_model()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{train_py}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+    state = torch.load(weights, map_location=device, weights_only=True)
+    model.load_state_dict(_match_compiled_keys(state, model.state_dict()))
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _train_py_context(train_py: Path, env: dict[str, str]) -> Iterator[None]:
+    """train.py's folder on sys.path and the lab variables set, restored afterwards."""
+    folder = str(train_py.resolve().parent)
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _import_file(path: Path) -> Any:
+    name = f"_nightlab_evaluated_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _match_compiled_keys(state: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """Drop or add torch.compile's ``_orig_mod.`` prefix so a compiled and a plain model share weights."""
+    prefix = "_orig_mod."
+    saved_prefixed = all(k.startswith(prefix) for k in state)
+    model_prefixed = all(k.startswith(prefix) for k in expected)
+    if saved_prefixed and not model_prefixed:
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    if model_prefixed and not saved_prefixed:
+        return {prefix + k: v for k, v in state.items()}
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits and the loss, through the captured functions only
+
+
+def _autocast(device: str) -> contextlib.AbstractContextManager:
+    if device.startswith("cuda"):
+        return _autocast_cls("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def logits_of(model: torch.nn.Module, idx: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``model(idx)`` as fp32 ``[B, T, V]`` logits; ``InvalidModel`` for a wrong shape or non-finite values."""
+    out = model(idx)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise InvalidModel(f"model(idx) returned {type(out).__name__}; it must return logits (a tensor [B, T, V])")
+    batch, length = idx.shape
+    if out.dim() != 3 or out.shape[0] != batch or out.shape[1] != length or out.shape[2] < vocab_size:
+        raise InvalidModel(
+            f"logits have shape {list(out.shape)}; expected [{batch}, {length}, V] with V >= vocab_size {vocab_size}"
+        )
+    out = _tensor_to(out, torch.float32)
+    if not _tensor_item(_all(_isfinite(out))):
+        raise InvalidModel(f"logits are not finite (NaN or inf) for inputs of shape {list(idx.shape)}")
+    return out
+
+
+def target_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target, fp32 ``[B, T]``."""
+    picked = _gather(_log_softmax(logits, -1), -1, _unsqueeze(targets, -1))
+    return _neg(_squeeze(picked, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Causality probe
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One val window, alone, and in a batch with copies whose tokens after ``cuts[i]`` differ."""
+
+    window: torch.Tensor  # int64[1, T]
+    batch: torch.Tensor  # int64[2 + len(cuts), T]: the window, a wholly different row, the changed copies
+    cuts: tuple[int, ...]
+
+
+def plan_probes(val: ValSplit, seq_len: int) -> list[Probe]:
+    """A few fixed random val windows, each with copies changed after an early, middle and late t."""
+    rng = np.random.default_rng(PROBE_SEED)
+    length = min(seq_len, len(val.tokens) - 1)
+    cuts = tuple(sorted({t for t in (0, length // 4, length // 2, 3 * length // 4, length - 2) if 0 <= t <= length - 2}))
+    probes = []
+    for _ in range(PROBE_WINDOWS):
+        begin = int(rng.integers(0, len(val.tokens) - length + 1))
+        window = val.tokens[begin : begin + length]
+        variants = [window]
+        for t in (-1, *cuts):  # t = -1: a batch-mate that differs everywhere
+            changed = window.copy()
+            shift = rng.integers(1, val.vocab_size, size=length - t - 1)
+            changed[t + 1 :] = (changed[t + 1 :] + shift) % val.vocab_size  # every later token differs
+            variants.append(changed)
+        probes.append(Probe(torch.tensor(window[None]), torch.tensor(np.stack(variants)), cuts))
+    return probes
+
+
+def check_causality(model: torch.nn.Module, probes: list[Probe], vocab_size: int, device: str) -> None:
+    """Raise ``InvalidModel`` if the past's log-probabilities depend on the future or on batch-mates.
+
+    Runs in fp32 (no autocast), so the tolerance can be tight. Positions <= t of each changed
+    copy, and every position of the unchanged window in the batch, must match the lone forward.
+    """
+    for probe in probes:
+        length = probe.window.shape[1]
+        alone = _log_softmax(logits_of(model, _tensor_to(probe.window, device), vocab_size), -1)[0]
+        together = _log_softmax(logits_of(model, _tensor_to(probe.batch, device), vocab_size), -1)
+        pos = _first_mismatch(alone, together[0])
+        if pos is not None:
+            raise InvalidModel(
+                f"batch leak: log-probabilities at position {pos} of a window changed when the other windows "
+                "of its batch changed; each sequence must be scored on its own tokens only"
+            )
+        for t, row in zip(probe.cuts, together[2:]):
+            pos = _first_mismatch(alone[: t + 1], row[: t + 1])
+            if pos is not None:
+                raise InvalidModel(
+                    f"causality leak: log-probabilities at position {pos} changed when only the tokens after "
+                    f"position {t} changed (window of {length} tokens); position p may only see tokens 0..p"
+                )
+
+
+def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """First position (row of ``[T, V]``) where a and b differ beyond the probe tolerance."""
+    allowed = _add(_mul(_abs(a), PROBE_TOLERANCE), PROBE_TOLERANCE)
+    bad_rows = _any(_gt(_abs(_sub(a, b)), allowed), -1)
+    rows = _nonzero(bad_rows)
+    return int(_tensor_item(rows[0, 0])) if len(rows) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring the whole split
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: torch.Tensor  # int32[B, T] (int64 on the device)
+    targets: torch.Tensor  # int32[B, T]
+    scored: torch.Tensor  # bool[B, T]: the target has bytes (not BOS or another special token)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    batches: list[Batch]
+    tokens: int  # scored targets
+    bytes: int  # their UTF-8 bytes
+
+
+def windows(n_targets: int, seq_len: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each window: inputs ``tokens[start:start+length]``, targets shifted by one."""
+    return [(s, min(seq_len, n_targets - s)) for s in range(0, n_targets, seq_len)]
+
+
+def default_batch_size(device: str, seq_len: int, vocab_size: int) -> int:
+    budget = LOGITS_BUDGET_BYTES["cuda" if device.startswith("cuda") else "cpu"]
+    return max(1, budget // (4 * seq_len * vocab_size))
+
+
+def plan_scoring(val: ValSplit, seq_len: int, batch_size: int, max_tokens: int) -> ScoringPlan:
+    """The batches that score the (first ``max_tokens``) val targets, each exactly once."""
+    n_targets = len(val.tokens) - 1
+    if max_tokens > 0:
+        n_targets = min(n_targets, max_tokens)
+    target_bytes = val.token_bytes[val.tokens[1 : n_targets + 1]]
+    scored = target_bytes > 0
+    if not scored.any():
+        raise ValueError("the val split has no scorable targets (every target is a special token)")
+    batches = []
+    for group in _groups(windows(n_targets, seq_len), batch_size):
+        length = group[0][1]
+        batches.append(
+            Batch(
+                inputs=torch.tensor(np.stack([val.tokens[s : s + length] for s, _ in group]), dtype=torch.int32),
+                targets=torch.tensor(np.stack([val.tokens[s + 1 : s + 1 + length] for s, _ in group]), dtype=torch.int32),
+                scored=torch.tensor(np.stack([scored[s : s + length] for s, _ in group])),
+            )
+        )
+    return ScoringPlan(batches, tokens=int(scored.sum()), bytes=int(target_bytes.sum()))
+
+
+def _groups(spans: list[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """Groups of at most ``batch_size`` windows of equal length (the short last window goes alone)."""
+    group: list[tuple[int, int]] = []
+    for span in spans:
+        if group and (len(group) == batch_size or span[1] != group[0][1]):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
+
+
+def score(model: torch.nn.Module, plan: ScoringPlan, vocab_size: int, device: str) -> float:
+    """Sum of nats over the plan's scored targets (bf16 autocast on CUDA, fp32 on CPU)."""
+    nats = 0.0
+    for batch in plan.batches:
+        with _autocast(device):
+            logits = logits_of(model, _tensor_to(batch.inputs, device, torch.int64), vocab_size)
+        per_target = _tensor_to(target_nats(logits, _tensor_to(batch.targets, device, torch.int64)), torch.float64)
+        nats += _tensor_item(_sum(_where(_tensor_to(batch.scored, device), per_target, 0.0)))
+    return nats
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def exit_code(status: str) -> int:
+    return {"ok": EXIT_OK, "invalid": EXIT_INVALID}.get(status, EXIT_ERROR)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nightlab.lab.evaluate",
+        description="Trusted evaluation: val bits per byte of train.py's model, with a causality probe.",
+    )
+    p.add_argument("--train-py", type=Path, required=True, help="the train.py that defines build_model()")
+    p.add_argument("--weights", type=Path, required=True, help="the saved state dict (model.pt)")
+    p.add_argument("--data", type=Path, required=True, help="the prepared dataset dir")
+    p.add_argument("--out", type=Path, required=True, help="where to write eval.json")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    p.add_argument("--preset", default=None, help="NIGHTLAB_PRESET for build_model(): cpu | gpu")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per window (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: by logits memory)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N targets (0 = all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = evaluate(
+        args.train_py,
+        args.weights,
+        args.data,
+        device=args.device,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        preset=args.preset,
+    )
+    write_json_atomic(args.out, result)
+    if result["status"] == "ok":
+        print(f"val_bpb: {result['val_bpb']:.6f}")
+        print(f"val_loss_nats: {result['val_loss_nats']:.6f}")
+        print(f"tokens: {result['tokens']}")
+        print(f"eval_s: {result['eval_s']:.1f}")
+    else:
+        print(f"status: {result['status']}", file=sys.stderr)
+        print(result["reason"], file=sys.stderr)
+    return exit_code(result["status"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The trusted evaluator: its score against a hand computation, the causality probe, failures, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nightlab.lab import evaluate as ev
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TEMPLATE_TRAIN = Path(__file__).resolve().parents[1] / "src" / "nightlab" / "template" / "train.py"
+VOCAB = 12
+BOS = 11  # special: 0 bytes, so never scored
+SEQ_LEN = 8
+
+
+def write_dataset(folder: Path, seed: int = 0, docs: int = 29) -> Path:
+    """A prepared-dataset folder with only what the evaluator reads, written by hand."""
+    rng = np.random.default_rng(seed)
+    pieces, offsets = [], [0]
+    for _ in range(docs):
+        doc = rng.integers(0, BOS, size=int(rng.integers(1, 12)))
+        pieces.append(np.concatenate([[BOS], doc]))
+        offsets.append(offsets[-1] + len(pieces[-1]))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "val.tokens.npy", np.concatenate(pieces).astype(np.uint16))
+    np.save(folder / "val.docs.npy", np.array(offsets, dtype=np.int64))
+    token_bytes = rng.integers(1, 5, size=VOCAB).astype(np.int32)
+    token_bytes[BOS] = 0
+    np.save(folder / "token_bytes.npy", token_bytes)
+    manifest = {"corpus_hash": "0123456789abcdef", "bos_id": BOS, "vocab_size": VOCAB}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def toy_weights(path: Path, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Random weights for tests/fixtures/toy_train.py's model, saved as its state dict."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 2, size=(VOCAB, VOCAB)).astype(np.float32)
+    pos = rng.normal(0, 1, size=(16, VOCAB)).astype(np.float32)
+    torch.save({"table.weight": torch.from_numpy(table), "pos": torch.from_numpy(pos)}, path)
+    return table.astype(np.float64), pos.astype(np.float64)
+
+
+def hand_bpb(data: Path, table: np.ndarray, pos: np.ndarray, seq_len: int, max_tokens: int = 0) -> tuple[float, int, int]:
+    """val_bpb of the toy model, one target at a time in float64: (bpb, scored targets, bytes)."""
+    stream = np.load(data / "val.tokens.npy").astype(np.int64)
+    token_bytes = np.load(data / "token_bytes.npy")
+    n_targets = len(stream) - 1 if max_tokens == 0 else min(max_tokens, len(stream) - 1)
+    nats, tokens, nbytes = 0.0, 0, 0
+    for j in range(n_targets):
+        target = stream[j + 1]
+        if token_bytes[target] == 0:
+            continue
+        logits = table[stream[j]] + pos[j % seq_len]  # position within its window
+        top = logits.max()
+        log_z = top + math.log(sum(math.exp(v - top) for v in logits))
+        nats += log_z - logits[target]
+        tokens += 1
+        nbytes += int(token_bytes[target])
+    return nats / (math.log(2) * nbytes), tokens, nbytes
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    return tmp_path / "model.pt"
+
+
+# --- the score ------------------------------------------------------------------------------
+
+
+def test_score_matches_hand_computation(data: Path, weights: Path) -> None:
+    table, pos = toy_weights(weights)
+    stream_len = len(np.load(data / "val.tokens.npy"))
+    assert (stream_len - 1) % SEQ_LEN != 0, "the dataset must end in a partial window for this test"
+
+    result = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=3)
+
+    expected, tokens, nbytes = hand_bpb(data, table, pos, SEQ_LEN)
+    assert result["status"] == "ok", result["reason"]
+    assert result["causal"] is True
+    assert result["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert (result["tokens"], result["bytes"]) == (tokens, nbytes)
+    assert result["val_loss_nats"] == pytest.approx(expected * math.log(2) * nbytes / tokens, rel=1e-6)
+    assert result["corpus_hash"] == "0123456789abcdef"
+    assert result["seq_len"] == SEQ_LEN and result["device"] == "cpu"
+
+
+def test_batch_size_does_not_change_the_score(data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    scores = [
+        ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=b)["val_bpb"]
+        for b in (1, 5, None)
+    ]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-9) and scores[0] == pytest.approx(scores[2], rel=1e-9)
+
+
+def test_max_tokens_scores_only_the_first_targets(data: Path, weights: Path) -> None:
+    table, pos = toy_weights(weights)
+    result = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, max_tokens=21)
+    expected, tokens, nbytes = hand_bpb(data, table, pos, SEQ_LEN, max_tokens=21)
+    assert result["status"] == "ok", result["reason"]
+    assert result["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert (result["tokens"], result["bytes"], result["max_tokens"]) == (tokens, nbytes, 21)
+
+
+def test_windows_cover_every_target_once() -> None:
+    spans = ev.windows(n_targets=19, seq_len=8)
+    assert spans == [(0, 8), (8, 8), (16, 3)]
+    covered = [s + i for s, n in spans for i in range(n)]
+    assert covered == list(range(19))
+
+
+# --- the causality probe ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("train_py", "reason"),
+    [
+        ("lookahead_train.py", "causality leak: log-probabilities at position 0 changed when only the tokens after position 0"),
+        ("lastpeek_train.py", f"causality leak: log-probabilities at position {SEQ_LEN - 2} changed"),
+        ("batchleak_train.py", "batch leak"),
+        ("nan_train.py", "not finite"),
+        ("narrow_train.py", f"expected [1, {SEQ_LEN}, V] with V >= vocab_size {VOCAB}"),
+    ],
+)
+def test_models_that_break_the_rules_are_invalid(data: Path, weights: Path, train_py: str, reason: str) -> None:
+    toy_weights(weights)
+    result = ev.evaluate(FIXTURES / train_py, weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "invalid"
+    assert reason in result["reason"]
+    assert result["val_bpb"] is None
+
+
+def test_probe_tolerance_allows_rounding_but_not_a_real_change() -> None:
+    a = torch.log_softmax(torch.randn(SEQ_LEN, VOCAB), -1)
+    assert ev._first_mismatch(a, a * (1 + 1e-6)) is None
+    b = a.clone()
+    b[3, 5] += 0.01
+    assert ev._first_mismatch(a, b) == 3
+
+
+@pytest.mark.skipif(not TEMPLATE_TRAIN.exists(), reason="the template train.py is not written yet")
+def test_template_model_passes_the_probe(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
+    monkeypatch.setenv("NIGHTLAB_DATA", str(data))
+    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
+    monkeypatch.syspath_prepend(str(TEMPLATE_TRAIN.parent))
+    module = ev._import_file(TEMPLATE_TRAIN)
+    torch.manual_seed(0)
+    weights = tmp_path / "template.pt"
+    torch.save(module.build_model().state_dict(), weights)
+
+    result = ev.evaluate(TEMPLATE_TRAIN, weights, data, seq_len=SEQ_LEN, preset="cpu")
+    assert result["status"] == "ok", result["reason"]
+    assert result["causal"] is True
+    assert math.isfinite(result["val_bpb"]) and result["val_bpb"] > 0
+
+
+# --- failures and the command line --------------------------------------------------------------
+
+
+def test_missing_build_model_and_missing_data_are_errors(tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    plain = tmp_path / "plain.py"
+    plain.write_text("X = 1\n")
+    result = ev.evaluate(plain, weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "error" and "defines no build_model()" in result["reason"]
+    result = ev.evaluate(FIXTURES / "toy_train.py", weights, tmp_path / "nowhere", seq_len=SEQ_LEN)
+    assert result["status"] == "error" and "nightlab prepare" in result["reason"]
+
+
+def test_cli_writes_eval_json_and_exit_codes(tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    expected = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["val_bpb"]
+    cases = {"toy_train.py": 0, "cheating_train.py": 0, "nan_train.py": 3, "broken_train.py": 1}
+    procs = {}
+    for name in cases:  # in parallel: each process pays for importing torch
+        cmd = [sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(FIXTURES / name)]
+        cmd += ["--weights", str(weights), "--data", str(data), "--out", str(tmp_path / name / "eval.json")]
+        cmd += ["--seq-len", str(SEQ_LEN)]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
+
+    for name, code in cases.items():
+        returncode, stdout, stderr = outputs[name]
+        assert returncode == code, f"{name}: {stderr}"
+        written = json.loads((tmp_path / name / "eval.json").read_text())
+        assert written["status"] == {0: "ok", 3: "invalid", 1: "error"}[code]
+        assert not list((tmp_path / name).glob("*.tmp")), "the temporary file must be renamed away"
+    ok = json.loads((tmp_path / "toy_train.py" / "eval.json").read_text())
+    assert ok["val_bpb"] == pytest.approx(expected, rel=1e-9)
+    assert f"val_bpb: {expected:.6f}" in outputs["toy_train.py"][1]
+    # patching torch's loss functions at import time does not change the score
+    cheat = json.loads((tmp_path / "cheating_train.py" / "eval.json").read_text())
+    assert cheat["val_bpb"] == pytest.approx(expected, rel=1e-9)
+    broken = json.loads((tmp_path / "broken_train.py" / "eval.json").read_text())
+    assert "this model cannot be built" in broken["reason"] and "Traceback" in outputs["broken_train.py"][2]
