@@ -1,0 +1,57 @@
+"""Throughput of the template's training step on random tokens (no dataset needed).
+
+Isolates the model, optimizer and compile from the data pipeline: run on the GPU machine with
+`python bench/template_speed.py --budget 40`. Prints startup seconds, tokens/s, MFU and peak memory.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budget", type=float, default=40)
+    ap.add_argument("--train-py", default=str(ROOT / "src/nightlab/template/train.py"))
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--set", action="append", default=[], help="CONSTANT=value overrides for train.py")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "manifest.json").write_text(json.dumps({"vocab_size": args.vocab, "bos_id": args.vocab - 1, "corpus_hash": "random"}))
+    os.environ.update(NIGHTLAB_DATA=str(tmp), NIGHTLAB_OUT=str(tmp / "out"), NIGHTLAB_BUDGET_S=str(args.budget))
+    spec = importlib.util.spec_from_file_location("train", args.train_py)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = train
+    spec.loader.exec_module(train)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        setattr(train, key, eval(value))
+    import torch
+
+    class RandomLoader:
+        def __init__(self, batch_size, seq_len):
+            self.shape = (batch_size, seq_len)
+
+        def __iter__(self):
+            while True:
+                x = torch.randint(0, args.vocab, self.shape, device=train.DEVICE)
+                yield x, torch.roll(x, -1, dims=1), 0
+
+    lab = train.lab
+    train.lab = type("BenchLab", (), {
+        **{f.name: getattr(lab, f.name) for f in dataclasses.fields(lab)},
+        "train_loader": staticmethod(lambda b, t: RandomLoader(b, t)),
+        "finish": lab.finish,
+    })()
+    train.main()
+
+
+if __name__ == "__main__":
+    main()

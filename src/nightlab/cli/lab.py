@@ -1,0 +1,193 @@
+"""``nightlab init``, ``nightlab prepare`` and ``nightlab train``: set up a lab and run one training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+
+from nightlab import config as cfg
+from nightlab.paths import state_dir
+
+TEMPLATE_FILES = ("train.py", "program.md")
+GITIGNORE = ".nightlab/\n__pycache__/\n*.pyc\n"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create a new lab: a git repo with train.py, program.md, org/ and nightlab.toml",
+        description="Create a lab folder (a git repository) from the template. Agents edit its train.py; "
+        "you edit program.md, org/*.md and nightlab.toml.",
+    )
+    p.add_argument("dir", type=Path, help="folder to create (must not exist, or be empty)")
+    p.add_argument("--dataset", help="pycode (default), pycode:stdlib, climbmix or local:PATH")
+    p.add_argument("--budget", type=float, help="training seconds per experiment (default 300)")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "prepare",
+        help="download or build the dataset, train the tokenizer, tokenize once into a cache",
+        description="Prepare the lab's dataset into the cache ($NIGHTLAB_HOME or ~/.cache/nightlab): text "
+        "shards, a BPE tokenizer, and memory-mapped token arrays. Safe to re-run: finished steps are kept.",
+    )
+    p.add_argument("--dataset", help="override the lab's dataset: pycode, pycode:stdlib, climbmix, local:PATH")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--num-shards", type=int, help="climbmix: number of training shards to download")
+    add_lab_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="one run of train.py under the hard time cap, then the trusted evaluation",
+        description="Train the lab's train.py once (its own process group, hard wall-clock cap), evaluate it "
+        "in a separate process, print the summary and record the run under .nightlab/runs/.",
+    )
+    p.add_argument("--budget", type=float, help="training seconds (default: lab.budget_s)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: lab.device)")
+    p.add_argument("--preset", choices=("auto", "gpu", "cpu"), help="model size preset (default: by device)")
+    p.add_argument("--seed", type=int, help="seed (default: lab.seed)")
+    add_lab_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_lab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lab", type=Path, help="the lab folder (default: the one holding the current directory)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a nightlab.toml setting, e.g. --set lab.budget_s=60 (repeatable)")
+
+
+def find_lab(start: Path | None) -> Path:
+    """The lab folder: ``start`` if given, else the nearest folder above the cwd with nightlab.toml."""
+    from nightlab.cli import UserError
+
+    if start is not None:
+        if not (start / cfg.CONFIG_FILE).exists():
+            raise UserError(f"{start} is not a lab (no {cfg.CONFIG_FILE}); create one with `nightlab init {start}`")
+        return start.resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / cfg.CONFIG_FILE).exists():
+            return folder
+    raise UserError(f"no {cfg.CONFIG_FILE} in {here} or above: run this inside a lab, or create one with "
+                    "`nightlab init DIR`")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+
+    lab_dir: Path = args.dir
+    if lab_dir.exists() and any(lab_dir.iterdir()):
+        raise UserError(f"{lab_dir} already exists and is not empty: choose a new folder for the lab")
+    sets = []
+    if args.dataset:
+        sets.append(f"lab.dataset={json.dumps(args.dataset)}")
+    if args.budget:
+        sets.append(f"lab.budget_s={args.budget}")
+    if args.device:
+        sets.append(f"lab.device={json.dumps(args.device)}")
+    conf = cfg.Config().with_overrides(sets)
+    if shutil.which("git") is None:
+        raise UserError("git is not installed: nightlab keeps every experiment as a git commit; install git")
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    template = resources.files("nightlab.template")
+    for name in TEMPLATE_FILES:
+        (lab_dir / name).write_text(template.joinpath(name).read_text())
+    org = template.joinpath("org")
+    if org.is_dir():
+        (lab_dir / "org").mkdir(exist_ok=True)
+        for role in org.iterdir():
+            if role.name.endswith(".md"):
+                (lab_dir / "org" / role.name).write_text(role.read_text())
+    (lab_dir / "notes").mkdir(exist_ok=True)
+    (lab_dir / "notes" / "agenda.md").write_text("# Agenda\n\nNothing yet: the lead writes the agenda here.\n")
+    (lab_dir / "notes" / "findings.md").write_text("# Findings\n\nWhat the night has taught so far.\n")
+    (lab_dir / cfg.CONFIG_FILE).write_text(
+        "# nightlab lab settings. Every key is documented in `nightlab init --help` and the README;\n"
+        "# an unknown key is an error. Override any of them once with --set section.key=value.\n\n"
+        + cfg.dumps(conf)
+    )
+    (lab_dir / ".gitignore").write_text(GITIGNORE)
+    git = ["git", "-C", str(lab_dir)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "commit", "-q",
+                    "-m", "nightlab init: baseline train.py"], check=True)
+    print(f"created lab {lab_dir} (dataset {conf.lab.dataset}, budget {conf.lab.budget_s:.0f}s)")
+    print(f"next: cd {lab_dir} && nightlab prepare && nightlab train")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from nightlab.lab import datasets
+
+    if args.lab is None and args.dataset and not _inside_lab():
+        conf = cfg.Config().with_overrides(args.set).lab
+    else:
+        conf = cfg.load(find_lab(args.lab), args.set).lab
+    spec = args.dataset or conf.dataset
+    vocab = args.vocab_size or conf.vocab_size
+    shards = args.num_shards or conf.num_shards
+    t0 = time.time()
+    data_dir = datasets.prepare(spec, vocab_size=vocab, num_shards=shards)
+    prepared = datasets.open_prepared(spec, vocab)
+    m = prepared.manifest
+    print(f"dataset {spec}: corpus {prepared.corpus_hash}, vocab {vocab}, "
+          f"{m.get('train_tokens', '?'):,} train / {m.get('val_tokens', '?'):,} val tokens, "
+          f"ready in {time.time() - t0:.0f}s at {data_dir}")
+    return 0
+
+
+def _inside_lab() -> bool:
+    here = Path.cwd().resolve()
+    return any((f / cfg.CONFIG_FILE).exists() for f in (here, *here.parents))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+    from nightlab.lab import datasets
+    from nightlab.research.runner import run_trial
+
+    lab_dir = find_lab(args.lab)
+    sets = list(args.set)
+    if args.budget:
+        sets.append(f"lab.budget_s={args.budget}")
+    if args.device:
+        sets.append(f"lab.device={json.dumps(args.device)}")
+    if args.preset:
+        sets.append(f"lab.preset={json.dumps(args.preset)}")
+    conf = cfg.load(lab_dir, sets)
+    try:
+        prepared = datasets.open_prepared(conf.lab.dataset, conf.lab.vocab_size)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    seed = conf.lab.seed if args.seed is None else args.seed
+    run_dir = state_dir(lab_dir) / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"training {lab_dir / 'train.py'} for {conf.lab.budget_s:.0f}s on corpus {prepared.corpus_hash} "
+          f"(log: {run_dir / 'train.log'})", flush=True)
+    result = run_trial(lab_dir, run_dir, conf, seed, data_dir=prepared.dir, on_progress=lambda line: print(line, flush=True))
+    record = {"run_dir": str(run_dir), "status": result.status, "val_bpb": result.val_bpb, "seed": seed,
+              "corpus_hash": prepared.corpus_hash, "budget_s": conf.lab.budget_s, **(result.summary or {})}
+    with open(state_dir(lab_dir) / "train_runs.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("---")
+    if result.status != "ok":
+        print(f"status: {result.status}")
+        if result.error:
+            print(result.error.rstrip())
+        return 1
+    ev = result.eval or {}
+    print(f"val_bpb: {result.val_bpb:.6f}")
+    for key in ("training_seconds", "startup_seconds", "num_steps", "total_tokens", "tok_per_s", "mfu_percent",
+                "peak_memory_mb", "num_params"):
+        if key in (result.summary or {}):
+            print(f"{key}: {result.summary[key]}")
+    print(f"eval_seconds: {ev.get('eval_s', 0):.1f}")
+    print(f"corpus_hash: {prepared.corpus_hash}")
+    return 0
