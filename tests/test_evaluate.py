@@ -152,21 +152,55 @@ def test_probe_tolerance_allows_rounding_but_not_a_real_change() -> None:
     assert ev._first_mismatch(a, b) == 3
 
 
-@pytest.mark.skipif(not TEMPLATE_TRAIN.exists(), reason="the template train.py is not written yet")
-def test_template_model_passes_the_probe(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def template_weights(train_py: Path, data: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Random weights for the template's CPU-preset model.
+
+    Not its fresh initialisation: that zeroes each block's output projection, which hides any
+    leak in attention from the probe.
+    """
     monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
     monkeypatch.setenv("NIGHTLAB_DATA", str(data))
     monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
-    monkeypatch.syspath_prepend(str(TEMPLATE_TRAIN.parent))
-    module = ev._import_file(TEMPLATE_TRAIN)
-    torch.manual_seed(0)
-    weights = tmp_path / "template.pt"
-    torch.save(module.build_model().state_dict(), weights)
+    monkeypatch.syspath_prepend(str(train_py.parent))
+    model = ev.import_train_py(train_py).build_model()
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in model.state_dict().items()}
+    torch.save(state, weights)
+    return weights
 
-    result = ev.evaluate(TEMPLATE_TRAIN, weights, data, seq_len=SEQ_LEN, preset="cpu")
+
+needs_template = pytest.mark.skipif(not TEMPLATE_TRAIN.exists(), reason="the template train.py is not written yet")
+
+
+@needs_template
+def test_template_model_passes_at_the_default_seq_len(
+    tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_dataset(tmp_path / "long", docs=800)  # longer than one 2048-token window
+    template_weights(TEMPLATE_TRAIN, data, weights, monkeypatch)
+
+    result = ev.evaluate(TEMPLATE_TRAIN, weights, data, preset="cpu")  # the runner's call: default seq_len
+
     assert result["status"] == "ok", result["reason"]
-    assert result["causal"] is True
+    assert result["causal"] is True and result["seq_len"] == ev.DEFAULT_SEQ_LEN
     assert math.isfinite(result["val_bpb"]) and result["val_bpb"] > 0
+
+
+@needs_template
+def test_template_without_the_causal_mask_is_invalid(
+    tmp_path: Path, data: Path, weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = TEMPLATE_TRAIN.read_text()
+    assert source.count("is_causal=True") == 1
+    leaky = tmp_path / "lab" / "train.py"
+    leaky.parent.mkdir()
+    leaky.write_text(source.replace("is_causal=True", "is_causal=False"))
+    template_weights(leaky, data, weights, monkeypatch)
+
+    result = ev.evaluate(leaky, weights, data, seq_len=SEQ_LEN, preset="cpu")
+
+    assert result["status"] == "invalid"
+    assert "causality leak: log-probabilities at position 0 changed" in result["reason"]
 
 
 # --- failures and the command line --------------------------------------------------------------

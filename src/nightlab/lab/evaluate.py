@@ -187,7 +187,7 @@ def load_model(train_py: Path, weights: Path, device: str, *, data_dir: Path, pr
     if preset:
         env["NIGHTLAB_PRESET"] = preset
     with _train_py_context(train_py, env):
-        module = _import_file(train_py)
+        module = import_train_py(train_py)
         build_model = getattr(module, "build_model", None)
         if not callable(build_model):
             raise AttributeError(f"{train_py} defines no build_model(); it must, at module level, for the evaluator")
@@ -218,7 +218,8 @@ def _train_py_context(train_py: Path, env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _import_file(path: Path) -> Any:
+def import_train_py(path: Path) -> Any:
+    """Import a train.py as a module under a private name; its ``__main__`` block does not run."""
     name = f"_nightlab_evaluated_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
