@@ -143,7 +143,8 @@ class GPT(nn.Module):
         self.x0_scales = nn.Parameter(torch.full((DEPTH,), X0_INIT))
         self.head = nn.Linear(MODEL_DIM, vocab_size, bias=False)
         inv_freq = ROPE_BASE ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
-        angles = torch.outer(torch.arange(SEQ_LEN * 2, dtype=torch.float32), inv_freq)
+        positions = max(2 * SEQ_LEN, 4096)  # the evaluator's context may be longer than training's
+        angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
 

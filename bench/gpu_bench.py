@@ -1,0 +1,96 @@
+"""The GPU benchmark: build the pycode corpus on this machine, prepare it, train, evaluate, report.
+
+One command for the GPU machine (from the repository root):
+
+    python3 bench/gpu_bench.py --budget 300 --change "template baseline"
+
+It builds the `pycode` corpus from this machine's own Python installation, prepares it (tokenizer
+and token cache, reused when already there), runs `nightlab train` on the template (or on
+`--train-py FILE`) once per seed, and prints, for each run, `val_bpb`, tokens per second, MFU,
+steps, peak memory, startup-to-first-step time, evaluation time and the corpus hash. Each run is
+one JSON line in `--out` (default `$OUT/results.jsonl`, else `bench/new_results.jsonl`) in the
+format of `bench/results.jsonl`; copy the lines you keep into that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def card_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "cpu"
+
+
+def nightlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, text=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=300, help="training seconds per run")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
+    ap.add_argument("--dataset", default="pycode", help="dataset spec (default pycode)")
+    ap.add_argument("--train-py", type=Path, help="a train.py variant to run instead of the template")
+    ap.add_argument("--change", default="template", help="what this run measures, for the record")
+    ap.add_argument("--set", action="append", default=[], help="extra nightlab.toml overrides")
+    default_out = Path(os.environ["OUT"]) / "results.jsonl" if os.environ.get("OUT") else ROOT / "bench/new_results.jsonl"
+    ap.add_argument("--out", type=Path, default=default_out)
+    args = ap.parse_args()
+
+    t0 = time.time()
+    lab = Path(tempfile.mkdtemp(prefix="nightlab-bench-")) / "lab"
+    if nightlab("init", str(lab), "--dataset", args.dataset, "--budget", str(args.budget), cwd=ROOT).returncode:
+        return 1
+    if args.train_py:
+        (lab / "train.py").write_text(args.train_py.read_text())
+    if nightlab("prepare", *sum((["--set", s] for s in args.set), []), cwd=lab).returncode:
+        return 1
+    prepare_s = time.time() - t0
+    card = card_name()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab)
+        record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
+        ev_path = Path(record["run_dir"]) / "eval.json"
+        ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
+        row = {
+            "date": dt.date.today().isoformat(), "card": card, "budget_s": args.budget, "seed": seed,
+            "corpus_hash": record.get("corpus_hash"), "change": args.change,
+            "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
+            "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
+            "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
+            "peak_mem_gb": round(record.get("peak_memory_mb", 0) / 1024, 2), "status": record.get("status"),
+            "kept": None,
+        }
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if proc.returncode:
+            print(f"run with seed {seed} ended with status {record.get('status')}", flush=True)
+    print(f"\nprepare: {prepare_s:.0f}s | card: {card}")
+    print(f"{'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} {'mem GB':>7}  corpus")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} {r['mfu'] or 0:>6.1f} "
+              f"{r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} {r['peak_mem_gb']:>7.1f}  "
+              f"{r['corpus_hash']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
