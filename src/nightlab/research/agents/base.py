@@ -34,7 +34,17 @@ class Proposal:
 
 
 class ProposalError(Exception):
-    """The agent failed to produce a usable edit (bad reply, timeout). The loop records it and goes on."""
+    """The agent failed to produce a usable edit (bad reply, timeout). The loop records it and goes on.
+
+    What the failed attempt cost is still recorded: ``cost_usd``, ``tokens_in``, ``tokens_out``.
+    """
+
+    def __init__(self, reason: str, *, cost_usd: float = 0.0, tokens_in: int = 0, tokens_out: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cost_usd = cost_usd
+        self.tokens_in = tokens_in
+        self.tokens_out = tokens_out
 
 
 class Proposer(Protocol):
