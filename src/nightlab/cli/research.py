@@ -1,0 +1,241 @@
+"""``nightlab run``, ``nightlab experiment`` and ``nightlab replay``: the research loop's commands."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+
+from nightlab import config as cfg
+from nightlab.cli.lab import add_lab_args, find_lab
+from nightlab.paths import state_dir
+
+RESULTS_FILE = "results.tsv"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run experiments until a limit or Ctrl-C: propose, train, judge, keep or discard, repeat",
+        description="The research loop. Works on branch nightlab/<tag>: each experiment is a commit, the "
+        "branch tip is always the best. The next proposal is prepared while the current experiment trains. "
+        "Ctrl-C once finishes the current experiment and stops; twice stops at once. After a crash or kill, "
+        "`nightlab run --resume` continues with nothing lost.",
+    )
+    p.add_argument("--agent", help="who proposes: search (default), api, cli or scripted (default: run.agent)")
+    p.add_argument("--max-experiments", type=int, metavar="N", help="stop when the run has N experiments")
+    p.add_argument("--hours", type=float, metavar="H", help="start no new experiment after H hours")
+    p.add_argument("--tag", help="run name, branch nightlab/<tag> (default: today's date)")
+    p.add_argument("--resume", action="store_true", help="continue the run named by --tag, else the latest")
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "experiment",
+        help="one experiment of the edits in the lab's checkout: commit, train, judge, print the verdict",
+        description="For an agent that drives itself: edit train.py in the lab, then run this. The edit is "
+        "committed on the current branch, trained and judged by the same runner, store and policy as "
+        "`nightlab run`; a discard resets the branch to its parent. Exit code 0 for keep, 1 otherwise.",
+    )
+    p.add_argument("-m", "--message", required=True, help="one-line description of the change")
+    p.add_argument("--rationale", default="", help="why it should help (recorded)")
+    p.add_argument("--tag", help="run to record it in (default: from the branch, nightlab/<tag>)")
+    _add_common(p)
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "replay",
+        help="train and evaluate any recorded experiment again (kept or not) with a fresh seed",
+        description="Checks out refs/nightlab/exp/ID, trains and evaluates it, and records the measurement "
+        "(kind replay; the policy does not count it).",
+    )
+    p.add_argument("id", type=int, help="experiment id (see results.tsv or `nightlab report`)")
+    p.add_argument("--seed", type=int, help="seed (default: a fresh one)")
+    _add_common(p)
+    p.set_defaults(func=cmd_replay)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, metavar="DIR", help="a prepared dataset folder (default: the lab's dataset)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print train.py's output as it runs")
+    add_lab_args(p)
+
+
+def say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
+def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None):
+    from nightlab.cli import UserError
+
+    lab_dir = find_lab(args.lab)
+    config = cfg.load(lab_dir, [*args.set, *(extra_sets or [])])
+    data_dir = args.data.resolve() if args.data else _prepared_dir(config)
+    if not (data_dir / "val.tokens.npy").exists():
+        raise UserError(f"{data_dir} is not a prepared dataset (no val.tokens.npy); run `nightlab prepare`")
+    from nightlab.research import git
+
+    if not git.is_repo(lab_dir):
+        raise UserError(f"{lab_dir} is not a git repository; nightlab keeps experiments as commits: `git init`")
+    return lab_dir, config, data_dir
+
+
+def _prepared_dir(config: cfg.Config) -> Path:
+    from nightlab.cli import UserError
+    from nightlab.lab import datasets
+
+    try:
+        return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size).dir)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
+def _lab(lab_dir, config, data_dir, store, run, verbose):
+    from nightlab.research.experiment import Lab
+
+    progress = (lambda line: print(f"    {line}", flush=True)) if verbose else None
+    return Lab(lab_dir, config, data_dir, store, run, say=say, on_progress=progress)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+    from nightlab.research.agents import create
+    from nightlab.research.experiment import BaselineError
+    from nightlab.research.loop import run_loop, start_run
+    from nightlab.research.store import Store
+
+    lab_dir, config, data_dir = _setup(args, [f'run.agent="{args.agent}"'] if args.agent else [])
+    try:
+        proposer = create(config.run.agent, config, lab_dir)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"agent {config.run.agent!r}: {e}") from None
+    stop = threading.Event()
+    with Store.open(lab_dir) as store:
+        try:
+            run = start_run(lab_dir, store, config, config.run.agent, args.tag or config.run.tag, args.resume)
+        except LookupError as e:
+            raise UserError(str(e)) from None
+        lab = _lab(lab_dir, config, data_dir, store, run, args.verbose)
+        say(f"run {run.tag} on branch {run.branch} with agent {proposer.name}; Ctrl-C to stop")
+        previous = _on_signals(stop)
+        try:
+            run_loop(lab, proposer, stop=stop,
+                     max_experiments=args.max_experiments if args.max_experiments is not None else config.run.max_experiments,
+                     hours=args.hours if args.hours is not None else config.run.hours)
+        except BaselineError as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            say(f"stopped at once; continue with `nightlab run --resume --tag {run.tag}`")
+            return 130
+        finally:
+            _restore_signals(previous)
+            results = store.export_tsv(state_dir(lab_dir) / RESULTS_FILE, run.tag)
+        _print_summary(lab, results)
+    return 0
+
+
+def _print_summary(lab, results: Path) -> None:
+    best = lab.best()
+    counts: dict[str, int] = {}
+    for e in lab.experiments():
+        counts[e.status] = counts.get(e.status, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if best is not None and best.val_bpb is not None:
+        say(f"best val_bpb {best.val_bpb:.6f} (#{best.id}, {best.commit_sha[:10] if best.commit_sha else '?'}) "
+            f"on branch {lab.run.branch}; {tally}")
+    say(f"results: {results}; runs: {lab.runs_dir}; report: `nightlab report`")
+
+
+def _on_signals(stop: threading.Event):
+    """First SIGINT/SIGTERM: finish the current experiment, then stop. Second: stop at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        say("stopping after the current experiment (Ctrl-C again to stop now)")
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+    from nightlab.research import git
+    from nightlab.research.agents.base import Proposal
+    from nightlab.research.experiment import BaselineError, admit, execute, measure_baseline, recover
+    from nightlab.research.store import Store
+
+    lab_dir, config, data_dir = _setup(args)
+    branch = git.current_branch(lab_dir)
+    if not branch:
+        raise UserError(f"{lab_dir} is on a detached HEAD; check out a branch (e.g. git switch -c nightlab/mytag)")
+    if not git.changed_files(lab_dir):
+        raise UserError(f"no edits to test in {lab_dir}: change {', '.join(config.lab.allowed_files)} first")
+    tag = args.tag or (branch.removeprefix("nightlab/") if branch.startswith("nightlab/") else branch)
+    parent = git.resolve(lab_dir, "HEAD") or ""
+    with Store.open(lab_dir) as store:
+        run = store.run(tag)
+        if run is None:
+            run = store.add_run(tag, branch, parent, "manual", cfg.dumps(config))
+        elif run.branch != branch:
+            raise UserError(f"run {tag!r} works on branch {run.branch}, but {lab_dir} is on {branch}; "
+                            f"switch branch or pass another --tag")
+        lab = _lab(lab_dir, config, data_dir, store, run, args.verbose)
+        try:
+            for exp in recover(lab):
+                execute(lab, exp)
+            measure_baseline(lab)
+        except BaselineError as e:
+            raise UserError(str(e)) from None
+        exp = admit(lab, lab_dir, parent, Proposal(args.message, args.rationale), "manual", kind="manual")
+        if exp.commit_sha:
+            exp = execute(lab, exp)
+            if exp.status != "keep" and git.resolve(lab_dir, "HEAD") == exp.commit_sha:
+                git.git(lab_dir, "reset", "--quiet", "--hard", parent)
+        store.export_tsv(state_dir(lab_dir) / RESULTS_FILE, run.tag)
+    shown = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "-"
+    print("---")
+    print(f"experiment: {exp.id}\nstatus: {exp.status}\nval_bpb: {shown}\nreason: {exp.reason}")
+    if exp.error and exp.status in ("crash", "timeout"):
+        print(exp.error.rstrip())
+    return 0 if exp.status == "keep" else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+    from nightlab.research import git
+    from nightlab.research.runner import run_trial
+    from nightlab.research.store import Store
+
+    lab_dir, config, data_dir = _setup(args)
+    with Store.open(lab_dir) as store:
+        try:
+            exp = store.get(args.id)
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
+        commit = git.resolve(lab_dir, git.experiment_ref(exp.id))
+        if commit is None or exp.commit_sha is None:
+            raise UserError(f"experiment {exp.id} has no commit to replay (it was {exp.status}: {exp.reason})")
+        previous = store.measurements(exp.id, kinds=("first", "baseline", "confirm", "replay"))
+        seed = args.seed if args.seed is not None else max([m.seed for m in previous] + [config.lab.seed]) + 1
+        run_dir = state_dir(lab_dir) / "runs" / str(exp.id) / f"replay-{seed}"
+        work = git.worktree(lab_dir, "replay", commit)
+        say(f"#{exp.id} replay with seed {seed}: {exp.description} ({commit[:10]})")
+        progress = (lambda line: print(f"    {line}", flush=True)) if args.verbose else None
+        result = run_trial(work, run_dir, config, seed, data_dir=data_dir, on_progress=progress)
+        store.add_measurement(exp.id, seed, "replay", result.status, result.val_bpb, run_dir, result.reason)
+    print("---")
+    print(f"experiment: {exp.id}\nstatus: {result.status}")
+    recorded = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "-"
+    print(f"val_bpb: {result.val_bpb:.6f}" if result.val_bpb is not None else f"reason: {result.reason}")
+    print(f"recorded_val_bpb: {recorded}\nseed: {seed}\nrun_dir: {run_dir}")
+    return 0 if result.status == "ok" else 1

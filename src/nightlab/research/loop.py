@@ -1,0 +1,162 @@
+"""The research loop: propose, commit, train, judge, repeat, until a limit or a signal.
+
+The next proposal is prepared in a thread while the current experiment trains, so the GPU does
+not wait for the agent. Proposer calls never overlap: ``observe`` of one experiment happens after
+the next proposal is in and before the one after it is asked for. Nothing here stops the loop but
+a limit, ``stop`` (a signal) or a baseline that cannot train.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from nightlab.config import Config, dumps
+from nightlab.paths import state_dir
+from nightlab.research import git
+from nightlab.research.agents.base import Context, Proposal, Proposer
+from nightlab.research.experiment import Lab, admit, context, execute, invalid_proposal, measure_baseline, recover
+from nightlab.research.store import Experiment, Run, Store, now
+
+PROPOSE_WORKTREE = "propose"
+MAX_BACKOFF_S = 60.0  # waiting after consecutive agent failures grows to this
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A proposal ready in the propose worktree (or why there is none)."""
+
+    parent: str
+    proposal: Proposal | None
+    error: str = ""
+
+
+def prepare(lab_dir: Path, proposer: Proposer, ctx: Context, parent: str) -> Prepared:
+    """Ask the proposer for an edit of ``parent``; any exception becomes the error (the loop goes on)."""
+    try:
+        work = git.worktree(lab_dir, PROPOSE_WORKTREE, parent)
+        return Prepared(parent, proposer.propose(ctx, work))
+    except Exception as e:  # noqa: BLE001 -- an agent failure of any kind is recorded, never fatal
+        return Prepared(parent, None, f"agent {proposer.name} failed: {type(e).__name__}: {e}")
+
+
+def in_background(fn, *args) -> Future:
+    """Run ``fn(*args)`` in a daemon thread (an agent still thinking must not block exit)."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001
+            future.set_exception(e)
+
+    threading.Thread(target=target, daemon=True, name="nightlab-propose").start()
+    return future
+
+
+def start_run(lab_dir: Path, store: Store, config: Config, agent: str, tag: str, resume: bool) -> Run:
+    """The run to work on: the named or latest one with ``resume``, else a new branch from HEAD."""
+    if resume:
+        runs = [r for r in store.runs() if not tag or r.tag == tag]
+        if not runs:
+            raise LookupError(f"no run {'named ' + repr(tag) + ' ' if tag else ''}to resume in {lab_dir}; "
+                              "start one with `nightlab run`")
+        return runs[-1]
+    tag = tag or _free_tag(lab_dir, store, date.today().isoformat())
+    branch = git.branch_name(tag)
+    if store.run(tag) or git.resolve(lab_dir, f"refs/heads/{branch}"):
+        raise LookupError(f"run {tag!r} exists already; continue it with `nightlab run --resume --tag {tag}` "
+                          "or choose another --tag")
+    base = git.resolve(lab_dir, "HEAD")
+    if base is None:
+        raise LookupError(f"{lab_dir} has no commit yet; commit train.py first")
+    git.set_branch(lab_dir, branch, base)
+    return store.add_run(tag, branch, base, agent, dumps(config))
+
+
+def _free_tag(lab_dir: Path, store: Store, base: str) -> str:
+    tag, n = base, 1
+    while store.run(tag) or git.resolve(lab_dir, f"refs/heads/{git.branch_name(tag)}"):
+        n += 1
+        tag = f"{base}-{n}"
+    return tag
+
+
+def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: float = 0.0,
+             stop: threading.Event | None = None) -> list[Experiment]:
+    """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``; returns the new ones."""
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + hours * 3600 if hours > 0 else float("inf")
+    for exp in recover(lab):
+        lab.say(f"#{exp.id}: resuming ({exp.description})")
+        execute(lab, exp)
+    measure_baseline(lab)
+    done: list[Experiment] = []
+
+    def counted() -> int:
+        return sum(1 for e in lab.experiments() if e.kind == "experiment")
+
+    def more() -> bool:
+        limit = max_experiments and counted() >= max_experiments
+        return not (stop.is_set() or limit or time.monotonic() >= deadline)
+
+    pending = in_background(prepare, lab.dir, proposer, context(lab), lab.best_commit()) if more() else None
+    previous: tuple[Proposal, Experiment] | None = None
+    failures = 0
+    while pending is not None:
+        prepared = _wait(pending, stop)
+        if prepared is None:
+            break
+        if previous:
+            proposer.observe(previous[0], previous[1].status, previous[1].val_bpb)
+            previous = None
+        best = lab.best_commit()
+        work = state_dir(lab.dir) / "worktrees" / PROPOSE_WORKTREE
+        if prepared.proposal is None:
+            exp = invalid_proposal(lab, prepared.parent, proposer.name, prepared.error)
+            failures += 1
+            stop.wait(min(MAX_BACKOFF_S, 2.0 ** (failures - 1)) if failures > 1 else 0)
+        elif prepared.parent != best and not git.move_changes(work, best):
+            lab.say("the prepared proposal conflicts with the new best; asking again")
+            pending = in_background(prepare, lab.dir, proposer, context(lab), best)
+            continue
+        else:
+            failures = 0
+            exp = _guarded(lab, None, admit, lab, work, best, prepared.proposal, proposer.name)
+        pending = in_background(prepare, lab.dir, proposer, context(lab), best) if more() else None
+        if exp.commit_sha and not exp.finished:
+            exp = _guarded(lab, exp, execute, lab, exp)
+        if prepared.proposal is not None:
+            previous = (prepared.proposal, exp)
+        done.append(exp)
+        if pending is not None and not more():
+            pending = None
+    if previous:
+        proposer.observe(previous[0], previous[1].status, previous[1].val_bpb)
+    return done
+
+
+def _guarded(lab: Lab, exp: Experiment | None, fn, *args) -> Experiment:
+    """``fn(*args)``; an unexpected error ends this experiment (``crash``), not the loop."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- e.g. a full disk or a git failure in one experiment
+        reason = f"nightlab error: {type(e).__name__}: {e}"
+        if exp is None:
+            return invalid_proposal(lab, lab.best_commit(), "", reason)
+        lab.say(f"#{exp.id} crash: {reason}")
+        return lab.store.update(exp.id, status="crash", stage="done", pgid=None, reason=reason, finished_at=now())
+
+
+def _wait(pending: Future, stop: threading.Event) -> Prepared | None:
+    while not stop.is_set():
+        try:
+            return pending.result(timeout=0.2)
+        except FutureTimeout:
+            continue
+    return None

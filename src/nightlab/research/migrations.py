@@ -1,0 +1,97 @@
+"""The store's schema, as numbered migrations.
+
+Migration N brings a database from version N-1 to N (``PRAGMA user_version``). Each runs in one
+transaction with the version bump, so a database is always at a whole version. Never edit a
+released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+STATUSES = ("queued", "running", "keep", "discard", "crash", "timeout", "invalid")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: experiments and their measurements
+    f"""
+    CREATE TABLE experiments (
+        id INTEGER PRIMARY KEY,
+        run_tag TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'experiment',   -- baseline | experiment | manual
+        worker TEXT NOT NULL DEFAULT 'local',
+        agent TEXT NOT NULL DEFAULT '',
+        parent_commit TEXT,
+        commit_sha TEXT,                           -- NULL when the edit was refused (invalid)
+        description TEXT NOT NULL DEFAULT '',
+        rationale TEXT NOT NULL DEFAULT '',
+        files_changed INTEGER NOT NULL DEFAULT 0,
+        lines_added INTEGER NOT NULL DEFAULT 0,
+        lines_removed INTEGER NOT NULL DEFAULT 0,
+        code_lines INTEGER,                        -- non-blank lines of the allowed files
+        status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
+        stage TEXT NOT NULL DEFAULT 'queued',      -- queued | train | eval | judge | done
+        pgid INTEGER,                              -- process group of the stage now running
+        val_bpb REAL,                              -- the judged value: mean of the measurements
+        training_seconds REAL,
+        total_seconds REAL,
+        total_tokens INTEGER,
+        num_steps INTEGER,
+        num_params INTEGER,
+        peak_memory_mb REAL,
+        mfu_percent REAL,
+        seed INTEGER,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0,
+        noise REAL,                                -- the noise width the verdict used
+        reason TEXT NOT NULL DEFAULT '',           -- the policy's reason, or why it failed
+        error TEXT NOT NULL DEFAULT '',            -- traceback or log tail
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT
+    );
+    CREATE INDEX experiments_run ON experiments (run_tag, id);
+    CREATE TABLE measurements (
+        id INTEGER PRIMARY KEY,
+        experiment_id INTEGER NOT NULL REFERENCES experiments (id),
+        seed INTEGER NOT NULL,
+        kind TEXT NOT NULL,                        -- first | baseline | confirm | replay
+        status TEXT NOT NULL,                      -- the trial's: ok | crash | timeout | invalid
+        val_bpb REAL,
+        reason TEXT NOT NULL DEFAULT '',
+        run_dir TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (experiment_id, seed, kind)
+    );
+    CREATE TABLE runs (
+        tag TEXT PRIMARY KEY,
+        branch TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        config TEXT NOT NULL,                      -- the config as TOML, as the run started
+        created_at TEXT NOT NULL
+    );
+    """,
+)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations the database lacks; return its version."""
+    version = schema_version(conn)
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the store is at schema version {version}, newer than this nightlab knows ({len(MIGRATIONS)}); "
+            "upgrade nightlab"
+        )
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        try:
+            conn.executescript(f"BEGIN;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+    return schema_version(conn)

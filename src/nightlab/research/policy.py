@@ -1,0 +1,89 @@
+"""The keep/discard rule: a small pure function of measurements, and the noise estimate it uses.
+
+Training is noisy (a new seed alone moves val_bpb by about 0.001), so in ``noise`` mode a change is
+kept only when the mean of its measurements beats the best's mean by more than ``KEEP_Z`` standard
+errors of the difference. A promising or close first run earns ``confirm_runs`` more seeds before
+the verdict. ``greedy`` mode is autoresearch's rule: keep when strictly lower, one run. In both
+modes simpler code (fewer lines) at equal val_bpb (within ``simplicity_tolerance``) is a keep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nightlab.config import RunConfig
+
+KEEP_Z = 3.0  # standard errors of the difference a change must win by (one-sided false keep ~0.1 %)
+SCREEN_Z = 0.0  # a first run better than the best by this many standard errors earns confirmation runs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str  # keep | discard | confirm (measure again with a fresh seed, then ask again)
+    reason: str
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def noise_width(groups: Sequence[Sequence[float]], floor: float) -> float:
+    """Run-to-run standard deviation of val_bpb, pooled over groups of reruns of the same code.
+
+    Each group is one experiment's measurements (different seeds, same commit); groups of one
+    carry no information about noise. Never below ``floor``.
+    """
+    squares, dof = 0.0, 0
+    for group in groups:
+        if len(group) > 1:
+            m = mean(group)
+            squares += sum((v - m) ** 2 for v in group)
+            dof += len(group) - 1
+    measured = math.sqrt(squares / dof) if dof else 0.0
+    return max(measured, floor)
+
+
+def judge(
+    candidate: Sequence[float],
+    best: Sequence[float],
+    noise: float,
+    rules: RunConfig,
+    lines_delta: int = 0,
+) -> Verdict:
+    """Keep, discard, or measure ``candidate`` again, against the current ``best``.
+
+    ``candidate`` and ``best`` are val_bpb measurements (lower is better) of one commit each, with
+    different seeds; ``lines_delta`` is the candidate's code lines minus the best's.
+    """
+    if not candidate:
+        raise ValueError("judge needs at least one measurement of the candidate")
+    if not best:
+        raise ValueError("judge needs at least one measurement of the best (run the baseline first)")
+    c, b = mean(candidate), mean(best)
+    gain = b - c  # positive: the candidate is better
+    simpler_and_equal = lines_delta < 0 and gain >= -rules.simplicity_tolerance
+    lines = f"{-lines_delta} fewer lines" if lines_delta < 0 else f"{lines_delta} more lines"
+    where = f"{c:.6f} vs best {b:.6f}"
+    if rules.policy == "greedy":
+        if gain > 0:
+            return Verdict("keep", f"greedy: lower val_bpb ({where})")
+        if simpler_and_equal:
+            return Verdict("keep", f"greedy: equal within {rules.simplicity_tolerance:g} and {lines} ({where})")
+        return Verdict("discard", f"greedy: not lower ({where})")
+
+    stderr = noise * math.sqrt(1 / len(candidate) + 1 / len(best))
+    z = gain / stderr
+    seeds = f"{len(candidate)} seed{'s' if len(candidate) > 1 else ''}"
+    summary = f"{where}, gain {gain:+.6f} = {z:+.1f} standard errors (noise {noise:.6f}, {seeds})"
+    worth_confirming = z > SCREEN_Z or (lines_delta < 0 and gain + 2 * stderr >= -rules.simplicity_tolerance)
+    if len(candidate) < 1 + rules.confirm_runs and worth_confirming:
+        return Verdict("confirm", f"close call, measuring again: {summary}")
+    if z > KEEP_Z:
+        return Verdict("keep", f"beats the best beyond the noise: {summary}")
+    if simpler_and_equal:
+        return Verdict("keep", f"equal within {rules.simplicity_tolerance:g} and {lines}: {summary}")
+    if gain > 0:
+        return Verdict("discard", f"better but within the noise: {summary}")
+    return Verdict("discard", f"not better: {summary}")

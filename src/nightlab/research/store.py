@@ -1,0 +1,225 @@
+"""The experiment store: SQLite in WAL mode at ``LAB/.nightlab/store.db``.
+
+One row per experiment, written before each stage and updated after it, and one row per
+measurement (a trial's val_bpb for one seed). Every write is its own committed transaction, so a
+kill at any instant leaves the last completed step on disk and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from nightlab.paths import state_dir
+from nightlab.research.migrations import STATUSES, migrate
+
+STORE_FILE = "store.db"
+FINISHED = ("keep", "discard", "crash", "timeout", "invalid")
+JUDGED_KINDS = ("first", "baseline", "confirm")  # measurements the policy averages; replays are not
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: int
+    run_tag: str
+    kind: str
+    worker: str
+    agent: str
+    parent_commit: str | None
+    commit_sha: str | None
+    description: str
+    rationale: str
+    files_changed: int
+    lines_added: int
+    lines_removed: int
+    code_lines: int | None
+    status: str
+    stage: str
+    pgid: int | None
+    val_bpb: float | None
+    training_seconds: float | None
+    total_seconds: float | None
+    total_tokens: int | None
+    num_steps: int | None
+    num_params: int | None
+    peak_memory_mb: float | None
+    mfu_percent: float | None
+    seed: int | None
+    cost_usd: float
+    tokens_in: int
+    tokens_out: int
+    noise: float | None
+    reason: str
+    error: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclass(frozen=True)
+class Measurement:
+    id: int
+    experiment_id: int
+    seed: int
+    kind: str
+    status: str
+    val_bpb: float | None
+    reason: str
+    run_dir: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Run:
+    tag: str
+    branch: str
+    base_commit: str
+    agent: str
+    config: str
+    created_at: str
+
+
+_EXPERIMENT_COLUMNS = tuple(f.name for f in fields(Experiment))
+_WRITABLE = frozenset(_EXPERIMENT_COLUMNS) - {"id", "created_at"}
+
+
+class Store:
+    """Typed reads and single-transaction writes of experiments, measurements and runs."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        migrate(self.conn)
+
+    @classmethod
+    def open(cls, lab_dir: Path | str) -> "Store":
+        return cls(state_dir(lab_dir) / STORE_FILE)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def add_run(self, tag: str, branch: str, base_commit: str, agent: str, config: str) -> Run:
+        self.conn.execute(
+            "INSERT INTO runs (tag, branch, base_commit, agent, config, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (tag, branch, base_commit, agent, config, now()),
+        )
+        return self.run(tag)  # type: ignore[return-value]
+
+    def run(self, tag: str) -> Run | None:
+        row = self.conn.execute("SELECT * FROM runs WHERE tag = ?", (tag,)).fetchone()
+        return Run(**dict(row)) if row else None
+
+    def runs(self) -> list[Run]:
+        return [Run(**dict(r)) for r in self.conn.execute("SELECT * FROM runs ORDER BY created_at, tag")]
+
+    # -- experiments --------------------------------------------------------------------------
+
+    def add_experiment(self, run_tag: str, **values: Any) -> Experiment:
+        """A new row (status ``queued`` unless given); returns it with its id."""
+        self._check_columns(values)
+        values = {"created_at": now(), **values}
+        names = ", ".join(["run_tag", *values])
+        marks = ", ".join("?" * (len(values) + 1))
+        cursor = self.conn.execute(f"INSERT INTO experiments ({names}) VALUES ({marks})", (run_tag, *values.values()))
+        return self.get(cursor.lastrowid)
+
+    def update(self, exp_id: int, **values: Any) -> Experiment:
+        self._check_columns(values)
+        if values:
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            cursor = self.conn.execute(f"UPDATE experiments SET {assignments} WHERE id = ?", (*values.values(), exp_id))
+            if cursor.rowcount != 1:
+                raise KeyError(f"no experiment {exp_id} in {self.path}")
+        return self.get(exp_id)
+
+    def get(self, exp_id: int) -> Experiment:
+        row = self.conn.execute("SELECT * FROM experiments WHERE id = ?", (exp_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no experiment {exp_id} in {self.path}; `nightlab report` lists them")
+        return Experiment(**dict(row))
+
+    def experiments(self, run_tag: str | None = None) -> list[Experiment]:
+        if run_tag is None:
+            rows = self.conn.execute("SELECT * FROM experiments ORDER BY id")
+        else:
+            rows = self.conn.execute("SELECT * FROM experiments WHERE run_tag = ? ORDER BY id", (run_tag,))
+        return [Experiment(**dict(r)) for r in rows]
+
+    def _check_columns(self, values: dict[str, Any]) -> None:
+        unknown = set(values) - _WRITABLE
+        if unknown:
+            raise ValueError(f"unknown experiment field(s) {sorted(unknown)}; known: {sorted(_WRITABLE)}")
+        if "status" in values and values["status"] not in STATUSES:
+            raise ValueError(f"status {values['status']!r} is not one of {STATUSES}")
+
+    # -- measurements -------------------------------------------------------------------------
+
+    def add_measurement(
+        self, exp_id: int, seed: int, kind: str, status: str, val_bpb: float | None, run_dir: Path | str,
+        reason: str = "",
+    ) -> Measurement:
+        """Record one trial; recording the same (experiment, seed, kind) again replaces it."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO measurements (experiment_id, seed, kind, status, val_bpb, reason, run_dir, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (exp_id, seed, kind, status, val_bpb, reason, str(run_dir), now()),
+        )
+        row = self.conn.execute(
+            "SELECT * FROM measurements WHERE experiment_id = ? AND seed = ? AND kind = ?", (exp_id, seed, kind)
+        ).fetchone()
+        return Measurement(**dict(row))
+
+    def measurements(self, exp_id: int, kinds: tuple[str, ...] = JUDGED_KINDS) -> list[Measurement]:
+        marks = ", ".join("?" * len(kinds))
+        rows = self.conn.execute(
+            f"SELECT * FROM measurements WHERE experiment_id = ? AND kind IN ({marks}) ORDER BY id", (exp_id, *kinds)
+        )
+        return [Measurement(**dict(r)) for r in rows]
+
+    def values(self, exp_id: int) -> list[float]:
+        """The judged val_bpb values of an experiment (ok trials only)."""
+        return [m.val_bpb for m in self.measurements(exp_id) if m.status == "ok" and m.val_bpb is not None]
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export_tsv(self, path: Path | str, run_tag: str | None = None) -> Path:
+        """``results.tsv`` in autoresearch's columns: commit, val_bpb, memory_gb, status, description."""
+        lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+        for e in self.experiments(run_tag):
+            if not e.finished:
+                continue
+            commit = (e.commit_sha or "")[:7]
+            val = f"{e.val_bpb:.6f}" if e.val_bpb is not None else "0.000000"
+            memory = f"{(e.peak_memory_mb or 0.0) / 1024:.1f}"
+            description = " ".join(e.description.split())
+            lines.append(f"{commit}\t{val}\t{memory}\t{e.status}\t{description}")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+        return path
