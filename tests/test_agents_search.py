@@ -151,3 +151,14 @@ def test_factory_puts_the_study_in_the_lab_state(tmp_path: Path) -> None:
     assert (tmp_path / ".nightlab" / "optuna.db").exists()
     with pytest.raises(ConfigError, match="sampler"):
         SearchProposer(SearchAgentConfig(sampler="grid"))
+    with pytest.raises(ConfigError, match="search.constants names DEPHT"):
+        agents.create("search", Config().with_overrides(["search.constants=['DEPHT']"]), tmp_path)
+
+
+def test_description_shows_values_as_written(tmp_path: Path) -> None:
+    proposer = SearchProposer(SearchAgentConfig(constants=("TOTAL",)), seed=1)
+    (tmp_path / "train.py").write_text(SOURCE)
+    proposal = proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
+    exponent = int(proposal.params["TOTAL"]).bit_length() - 1
+    assert proposal.description == f"search: TOTAL 2**19→2**{exponent}"
+    assert f"TOTAL = 2**{exponent}  # tokens per step" in (tmp_path / "train.py").read_text()

@@ -20,8 +20,10 @@ def create(name: str, config: Config, lab_dir: Path) -> Proposer:
     """The proposer called ``name`` for the lab at ``lab_dir``."""
     lab_dir = Path(lab_dir)
     if name == "search":
-        from nightlab.research.agents.search import SearchProposer
+        from nightlab.research.agents.search import TARGET, SearchProposer, search_space
 
+        if (lab_dir / TARGET).exists():  # a bad search.constants fails the run now, not every experiment
+            search_space((lab_dir / TARGET).read_text(), config.search.constants)
         return SearchProposer(config.search, storage=lab_dir / ".nightlab" / "optuna.db", seed=config.lab.seed)
     if name == "api":
         from nightlab.research.agents.api import ApiProposer

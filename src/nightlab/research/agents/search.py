@@ -29,7 +29,7 @@ from typing import Any
 
 from nightlab.config import ConfigError, SearchAgentConfig
 from nightlab.research.agents.base import Context, Proposal, ProposalError
-from nightlab.research.agents.constants import Constant, find_constants, write_constants
+from nightlab.research.agents.constants import Constant, find_constants, format_value, write_constants
 
 TARGET = "train.py"
 FAIL_VALUE = 100.0  # told for failed trials; val_bpb is around 1
@@ -104,12 +104,13 @@ def search_space(source: str, only: tuple[str, ...] = ()) -> list[Dimension]:
     return dims
 
 
-def _format(value: int | float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def describe(old: dict[str, int | float], new: dict[str, int | float]) -> str:
-    changes = [f"{k} {_format(old[k])}→{_format(v)}" for k, v in new.items() if k in old and old[k] != v]
+def describe(constants: list[Constant], new: dict[str, int | float]) -> str:
+    """``search: DEPTH 8→10, MATRIX_LR 0.04→0.03`` (the changed constants, as they are written)."""
+    changes = [
+        f"{c.key} {c.text}→{format_value(c, new[c.key])}"
+        for c in constants
+        if c.key in new and c.value != new[c.key]
+    ]
     return "search: " + (", ".join(changes) if changes else "baseline values")
 
 
@@ -137,8 +138,8 @@ class SearchProposer:
             raise ProposalError(f"the search agent tunes {TARGET}, which is missing from {worktree}") from None
         with self._lock:
             self._open(source)
-            current = {c.key: c.value for c in find_constants(source)}
-            dims = [d for d in self._space if d.key in current]
+            constants = find_constants(source)
+            dims = [d for d in self._space if d.key in {c.key for c in constants}]
             if not dims:
                 raise ProposalError(f"none of the searched constants is left in {TARGET}")
             best = context.best_source.get(TARGET)
@@ -152,7 +153,7 @@ class SearchProposer:
                 trial.set_user_attr("values", values)
                 path.write_text(edited)
                 proposal = Proposal(
-                    description=describe(current, values),
+                    description=describe(constants, values),
                     rationale=f"{self.config.sampler} trial {trial.number} of the study over {len(dims)} constants",
                     params={k: float(v) for k, v in values.items()},
                 )
