@@ -86,8 +86,16 @@ def test_openai_compatible_happy_path(worktree: Path, all_logs: pytest.LogCaptur
     assert request.body["model"] == "gpt-4o-mini" and request.body["max_tokens"] == 8192
     system, user = request.body["messages"]
     assert system["role"] == "system" and "val_bpb" in system["content"]
-    for part in ("Lower val_bpb. Be bold.", "#1 keep 1.234567", "agenda: try learning rates",
-                 "CUDA out of memory", "1.234567", "0.001200", TRAIN.strip(), REPLY_FORMAT.strip()):
+    for part in (
+        "Lower val_bpb. Be bold.",
+        "#1 keep 1.234567",
+        "agenda: try learning rates",
+        "CUDA out of memory",
+        "1.234567",
+        "0.001200",
+        TRAIN.strip(),
+        REPLY_FORMAT.strip(),
+    ):
         assert part in user["content"], part
     assert_no_key(all_logs.text, repr(proposal))
 
@@ -141,10 +149,16 @@ def test_auth_error_is_not_retried_and_never_shows_the_key(worktree: Path, all_l
 
 
 MALFORMED = [
-    pytest.param(chat("Here is my idea: raise the LR.\n" + GOOD_REPLY.split("\n", 2)[2]), "DESCRIPTION", id="no-description"),
+    pytest.param(
+        chat("Here is my idea: raise the LR.\n" + GOOD_REPLY.split("\n", 2)[2]), "DESCRIPTION", id="no-description"
+    ),
     pytest.param(chat("DESCRIPTION: x\nRATIONALE: y\n"), "no SEARCH/REPLACE or FILE block", id="no-edit"),
-    pytest.param(chat(GOOD_REPLY.replace("LR = 0.01  # learning rate\n=", "LR = 0.5\n=")), "does not occur", id="no-match"),
-    pytest.param(chat(GOOD_REPLY.replace("SEARCH train.py", "SEARCH lab.py")), "only train.py may be edited", id="other-file"),
+    pytest.param(
+        chat(GOOD_REPLY.replace("LR = 0.01  # learning rate\n=", "LR = 0.5\n=")), "does not occur", id="no-match"
+    ),
+    pytest.param(
+        chat(GOOD_REPLY.replace("SEARCH train.py", "SEARCH lab.py")), "only train.py may be edited", id="other-file"
+    ),
     pytest.param(chat(GOOD_REPLY.replace(">>>>>>> REPLACE", "")), "not closed", id="unclosed"),
     pytest.param(chat(None, finish="length"), "empty reply", id="empty"),
     pytest.param(Scripted(body="<html>not json</html>"), "not a chat completion", id="not-json"),
@@ -189,7 +203,9 @@ def test_factory_and_configuration_errors(tmp_path: Path, monkeypatch: pytest.Mo
     proposer = agents.create("api", Config().with_overrides(["api.model=gpt-4.1"]), tmp_path)
     assert proposer.name == "api"
     assert_no_key(repr(proposer), str(vars(proposer).get("config")))
-    local = agents.create("api", Config().with_overrides(["api.model=qwen", "api.base_url=http://127.0.0.1:1/v1"]), tmp_path)
+    local = agents.create(
+        "api", Config().with_overrides(["api.model=qwen", "api.base_url=http://127.0.0.1:1/v1"]), tmp_path
+    )
     assert local.name == "api"  # a local server needs no key
 
 

@@ -106,8 +106,14 @@ def _alive(pid: int) -> bool:
 def test_presets_render_headless_commands(tmp_path: Path) -> None:
     def argv(preset: str) -> list[str]:
         template = command_template(CliAgentConfig(preset=preset))
-        return render(template, prompt="P", prompt_file=tmp_path / "p.md", workdir=tmp_path / "w",
-                      tmpdir=tmp_path, files=("train.py", "model.py"))
+        return render(
+            template,
+            prompt="P",
+            prompt_file=tmp_path / "p.md",
+            workdir=tmp_path / "w",
+            tmpdir=tmp_path,
+            files=("train.py", "model.py"),
+        )
 
     claude = argv("claude")
     assert claude[:2] == ["claude", "-p"] and "--dangerously-skip-permissions" not in claude

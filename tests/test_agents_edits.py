@@ -28,7 +28,10 @@ def test_parse_reply_with_markdown_decoration_and_several_blocks() -> None:
 
 def test_apply_in_order_whole_file_and_trailing_space_slip(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text(TRAIN)
-    edits = [Edit("train.py", "A = 1  # a\n", "A = 3  # a\n"), Edit("train.py", "A = 3  # a   \nB = 2  # b\n", "B = 5\n")]
+    edits = [
+        Edit("train.py", "A = 1  # a\n", "A = 3  # a\n"),
+        Edit("train.py", "A = 3  # a   \nB = 2  # b\n", "B = 5\n"),
+    ]
     assert apply_edits(tmp_path, edits, ("train.py",)) == ["train.py"]
     assert (tmp_path / "train.py").read_text() == TRAIN.replace("A = 1  # a\nB = 2  # b\n", "B = 5\n")
     apply_edits(tmp_path, [Edit("train.py", None, "X = 1\n")], ("train.py",))
@@ -50,13 +53,25 @@ def test_ambiguous_or_missing_search_leaves_everything_untouched(tmp_path: Path)
 
 def test_prompt_sections_follow_the_context() -> None:
     full = Context(
-        program="PROGRAM", best_source={"train.py": "```nested fence```\nX = 1\n"}, history="HISTORY",
-        notes="NOTES", last_error="ERROR", best_val_bpb=1.5, noise=0.002,
+        program="PROGRAM",
+        best_source={"train.py": "```nested fence```\nX = 1\n"},
+        history="HISTORY",
+        notes="NOTES",
+        last_error="ERROR",
+        best_val_bpb=1.5,
+        noise=0.002,
     )
     prompt = build_prompt(full, REPLY_FORMAT)
     titles = [line for line in prompt.user.splitlines() if line.startswith("## ")]
-    assert titles == ["## Research program", "## Where things stand", "## History of experiments", "## Notes board",
-                      "## The last experiment failed", "## Current best train.py", "## Your answer"]
+    assert titles == [
+        "## Research program",
+        "## Where things stand",
+        "## History of experiments",
+        "## Notes board",
+        "## The last experiment failed",
+        "## Current best train.py",
+        "## Your answer",
+    ]
     assert "````python\n```nested fence```" in prompt.user  # a fence inside the file does not end the block
     assert "±0.002000" in prompt.user and "1.500000" in prompt.user
     bare = build_prompt(Context(program="P", best_source={"train.py": "X = 1\n"}, history=""), "INSTR")

@@ -47,7 +47,14 @@ def objective(source: str) -> float:
 def test_constants_found_with_values_and_keys() -> None:
     found = {c.key: c.value for c in find_constants(SOURCE)}
     assert found == {
-        "X": 12, "Y": 0.08, "WARMUP": 0.0, "TOTAL": 2**19, "OFFSET": -1, "WIDE": 3072, "CAP": 0.95, "X#2": 4,
+        "X": 12,
+        "Y": 0.08,
+        "WARMUP": 0.0,
+        "TOTAL": 2**19,
+        "OFFSET": -1,
+        "WIDE": 3072,
+        "CAP": 0.95,
+        "X#2": 4,
     }
     assert [c.is_pow2_form for c in find_constants(SOURCE) if c.key == "TOTAL"] == [True]
 
@@ -56,8 +63,10 @@ def test_write_back_changes_only_the_values() -> None:
     out = write_constants(SOURCE, {"X": 9, "Y": 0.031, "TOTAL": 2**20, "WIDE": 4096, "X#2": 5})
     changed = [(a, b) for a, b in zip(SOURCE.splitlines(), out.splitlines()) if a != b]
     assert changed == [
-        ('S = "é"; X = 12  # the x knob (a non-ASCII character precedes it on this line)',
-         'S = "é"; X = 9  # the x knob (a non-ASCII character precedes it on this line)'),
+        (
+            'S = "é"; X = 12  # the x knob (a non-ASCII character precedes it on this line)',
+            'S = "é"; X = 9  # the x knob (a non-ASCII character precedes it on this line)',
+        ),
         ("Y = 0.08  # the y knob", "Y = 0.031  # the y knob"),
         ("TOTAL = 2**19  # tokens per step", "TOTAL = 2**20  # tokens per step"),
         ("WIDE = 3 * 1024", "WIDE = 4096"),

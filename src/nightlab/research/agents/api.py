@@ -63,7 +63,7 @@ class ApiProposer:
         if config.provider not in PROVIDERS:
             raise ConfigError(f"api.provider = {config.provider!r}; choose one of {', '.join(PROVIDERS)}")
         if not config.model:
-            raise ConfigError("api.model is empty; name the model, e.g. api.model=\"gpt-4.1\"")
+            raise ConfigError('api.model is empty; name the model, e.g. api.model="gpt-4.1"')
         self.config = config
         self.base_delay, self.max_delay, self._sleep = base_delay, max_delay, sleep
         self._key = self._read_key(os.environ if environ is None else environ)
@@ -82,8 +82,14 @@ class ApiProposer:
             reply = parse_reply(completion.text)
             apply_edits(Path(worktree), reply.edits, context.allowed_files)
         except ProposalError as e:
-            hint = " (the reply hit api.max_tokens and was cut off)" if completion.finish in ("length", "max_tokens") else ""
-            raise ProposalError(self._redact(f"{e.reason}{hint}; reply began: {completion.text[:200]!r}"), **spent) from None
+            hint = (
+                " (the reply hit api.max_tokens and was cut off)"
+                if completion.finish in ("length", "max_tokens")
+                else ""
+            )
+            raise ProposalError(
+                self._redact(f"{e.reason}{hint}; reply began: {completion.text[:200]!r}"), **spent
+            ) from None
         return Proposal(description=reply.description, rationale=reply.rationale, **spent)
 
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
@@ -171,9 +177,13 @@ class ApiProposer:
             choice = response.choices[0]
             text, finish = choice.message.content, choice.finish_reason or ""
         except (AttributeError, IndexError, TypeError):
-            raise ProposalError(f"{self._where()}: the response is not a chat completion (no choices[0].message)") from None
+            raise ProposalError(
+                f"{self._where()}: the response is not a chat completion (no choices[0].message)"
+            ) from None
         usage = getattr(response, "usage", None)
-        return self._completion(text, getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0), finish)
+        return self._completion(
+            text, getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0), finish
+        )
 
     def _anthropic(self, prompt: Prompt) -> Completion:
         response = self._client.messages.create(
@@ -196,7 +206,9 @@ class ApiProposer:
             cost = pricing.cost_usd(self.config.model, tokens_in, tokens_out)
             raise ProposalError(
                 f"{self._where()}: empty reply (finish: {finish or 'unknown'})",
-                cost_usd=cost, tokens_in=tokens_in, tokens_out=tokens_out,
+                cost_usd=cost,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
             )
         return Completion(text, tokens_in, tokens_out, finish)
 

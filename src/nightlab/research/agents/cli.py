@@ -68,19 +68,28 @@ def command_template(config: CliAgentConfig) -> str:
         return config.command
     if config.preset not in PRESETS:
         known = ", ".join(PRESETS)
-        raise ConfigError(f"cli.preset = {config.preset!r} with no cli.command; choose one of {known}, or set cli.command")
+        raise ConfigError(
+            f"cli.preset = {config.preset!r} with no cli.command; choose one of {known}, or set cli.command"
+        )
     return PRESETS[config.preset]
 
 
-def render(template: str, *, prompt: str, prompt_file: Path, workdir: Path, tmpdir: Path, files: tuple[str, ...]) -> list[str]:
+def render(
+    template: str, *, prompt: str, prompt_file: Path, workdir: Path, tmpdir: Path, files: tuple[str, ...]
+) -> list[str]:
     """The argument list: the template split like a shell line, each part filled in."""
     argv: list[str] = []
     for part in shlex.split(template):
         if part == "{files}":
             argv.extend(files)
             continue
-        for token, value in (("{prompt_file}", str(prompt_file)), ("{workdir}", str(workdir)),
-                             ("{tmpdir}", str(tmpdir)), ("{files}", " ".join(files)), ("{prompt}", prompt)):
+        for token, value in (
+            ("{prompt_file}", str(prompt_file)),
+            ("{workdir}", str(workdir)),
+            ("{tmpdir}", str(tmpdir)),
+            ("{files}", " ".join(files)),
+            ("{prompt}", prompt),
+        ):
             part = part.replace(token, value)
         argv.append(part)
     return argv
@@ -123,14 +132,20 @@ class CliProposer:
             tmpdir = Path(tmp)
             prompt_file = tmpdir / "prompt.md"
             prompt_file.write_text(prompt)
-            argv = render(self.template, prompt=prompt, prompt_file=prompt_file, workdir=worktree, tmpdir=tmpdir, files=files)
+            argv = render(
+                self.template, prompt=prompt, prompt_file=prompt_file, workdir=worktree, tmpdir=tmpdir, files=files
+            )
             outcome = self._run(argv, worktree, prompt_file if wants_stdin(self.template) else None, tmpdir)
         description, rationale = _read_description(worktree, outcome.stdout)
         if outcome.returncode is None:
-            raise ProposalError(f"{argv[0]} ran past cli.timeout_s = {self.config.timeout_s:g} s and was stopped; "
-                                f"its output ended: {_tail(outcome.stdout + outcome.stderr)}")
+            raise ProposalError(
+                f"{argv[0]} ran past cli.timeout_s = {self.config.timeout_s:g} s and was stopped; "
+                f"its output ended: {_tail(outcome.stdout + outcome.stderr)}"
+            )
         if outcome.returncode != 0:
-            raise ProposalError(f"{argv[0]} exited with status {outcome.returncode}: {_tail(outcome.stderr or outcome.stdout)}")
+            raise ProposalError(
+                f"{argv[0]} exited with status {outcome.returncode}: {_tail(outcome.stderr or outcome.stdout)}"
+            )
         after = _snapshot(worktree)
         changed = [path for path in before.keys() | after.keys() if before.get(path) != after.get(path)]
         if not changed:
@@ -142,8 +157,11 @@ class CliProposer:
 
     def _run(self, argv: list[str], cwd: Path, stdin_file: Path | None, tmpdir: Path) -> Outcome:
         out_path, err_path = tmpdir / "stdout.txt", tmpdir / "stderr.txt"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err, \
-                (open(stdin_file, "rb") if stdin_file else open(os.devnull, "rb")) as stdin:
+        with (
+            open(out_path, "wb") as out,
+            open(err_path, "wb") as err,
+            open(stdin_file, "rb") if stdin_file else open(os.devnull, "rb") as stdin,
+        ):
             try:
                 process = subprocess.Popen(argv, cwd=cwd, stdin=stdin, stdout=out, stderr=err, start_new_session=True)
             except OSError as e:

@@ -114,7 +114,9 @@ def _read_block(lines: list[str], i: int, kind: str, file: str) -> tuple[Edit, i
             body.append(line)
         i += 1
     closing = "REPLACE" if kind == "SEARCH" else "FILE"
-    raise ProposalError(f"malformed reply: {kind} block for {file} at line {start} is not closed with >>>>>>> {closing}")
+    raise ProposalError(
+        f"malformed reply: {kind} block for {file} at line {start} is not closed with >>>>>>> {closing}"
+    )
 
 
 def _join(lines: list[str]) -> str:
@@ -152,7 +154,9 @@ def apply_edits(worktree: Path, edits: tuple[Edit, ...] | list[Edit], allowed: t
         if edit.file not in texts:
             path = Path(worktree) / edit.file
             if not path.exists():
-                raise ProposalError(f"edit {n} searches {edit.file}, which does not exist; use a FILE block to create it")
+                raise ProposalError(
+                    f"edit {n} searches {edit.file}, which does not exist; use a FILE block to create it"
+                )
             texts[edit.file] = path.read_text()
         texts[edit.file] = _replace_once(texts[edit.file], edit, n)
     changed = []
@@ -178,14 +182,17 @@ def _replace_once(text: str, edit: Edit, n: int) -> str:
             return loose
         first = next(line for line in edit.search.splitlines() if line.strip())
         raise ProposalError(f"edit {n}: search text starting {first.strip()[:60]!r} does not occur in {edit.file}")
-    raise ProposalError(f"edit {n}: search text occurs {count} times in {edit.file}; include more lines to make it unique")
+    raise ProposalError(
+        f"edit {n}: search text occurs {count} times in {edit.file}; include more lines to make it unique"
+    )
 
 
 def _loose_replace(text: str, search: str, replace: str) -> str | None:
     lines = text.splitlines(keepends=True)
     wanted = [line.rstrip() for line in search.splitlines()]
     hits = [
-        i for i in range(len(lines) - len(wanted) + 1)
+        i
+        for i in range(len(lines) - len(wanted) + 1)
         if [line.rstrip() for line in lines[i : i + len(wanted)]] == wanted
     ]
     if len(hits) != 1:

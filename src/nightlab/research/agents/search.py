@@ -107,9 +107,7 @@ def search_space(source: str, only: tuple[str, ...] = ()) -> list[Dimension]:
 def describe(constants: list[Constant], new: dict[str, int | float]) -> str:
     """``search: DEPTH 8→10, MATRIX_LR 0.04→0.03`` (the changed constants, as they are written)."""
     changes = [
-        f"{c.key} {c.text}→{format_value(c, new[c.key])}"
-        for c in constants
-        if c.key in new and c.value != new[c.key]
+        f"{c.key} {c.text}→{format_value(c, new[c.key])}" for c in constants if c.key in new and c.value != new[c.key]
     ]
     return "search: " + (", ".join(changes) if changes else "baseline values")
 
@@ -159,7 +157,9 @@ class SearchProposer:
                 )
                 self._pending.append((trial.number, proposal))
                 return proposal
-        raise ProposalError(f"the sampler kept proposing the current best {_MAX_SKIPS} times; the space may be exhausted")
+        raise ProposalError(
+            f"the sampler kept proposing the current best {_MAX_SKIPS} times; the space may be exhausted"
+        )
 
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
         from optuna.trial import TrialState
@@ -183,7 +183,9 @@ class SearchProposer:
             if not done:
                 return None
             trial = min(done, key=lambda t: t.value)
-            values = trial.user_attrs.get("values") or {d.key: d.value(trial.params[d.key]) for d in self._space if d.key in trial.params}
+            values = trial.user_attrs.get("values") or {
+                d.key: d.value(trial.params[d.key]) for d in self._space if d.key in trial.params
+            }
             return values, trial.value
 
     def _take_pending(self, proposal: Proposal) -> int | None:
@@ -208,9 +210,8 @@ class SearchProposer:
         # Optuna logs every finished trial at INFO; the loop's own log says what matters.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = search_space(source, self.config.constants)
-        name = "search-" + hashlib.sha256(
-            json.dumps([self.config.sampler, sorted(d.key for d in space)]).encode()
-        ).hexdigest()[:12]
+        keys = json.dumps([self.config.sampler, sorted(d.key for d in space)])
+        name = "search-" + hashlib.sha256(keys.encode()).hexdigest()[:12]  # one study per sampler and constants
         storage = None
         if self.storage is not None:
             self.storage.parent.mkdir(parents=True, exist_ok=True)
