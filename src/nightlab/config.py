@@ -79,12 +79,20 @@ class CliAgentConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    webhook_url: str = ""  # POSTed to when a run ends or finds a new best; empty = no notifications
+    on: tuple[str, ...] = ("best", "end")  # which events notify: best, end
+    format: str = "auto"  # auto | json ({"text": ...}, Slack-compatible) | ntfy (plain text); auto: ntfy for ntfy hosts
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     run: RunConfig = field(default_factory=RunConfig)
     search: SearchAgentConfig = field(default_factory=SearchAgentConfig)
     api: ApiAgentConfig = field(default_factory=ApiAgentConfig)
     cli: CliAgentConfig = field(default_factory=CliAgentConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def with_overrides(self, assignments: list[str]) -> "Config":
         """Apply ``section.field=value`` strings (the ``--set`` flag)."""
@@ -169,6 +177,10 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: run.policy must be noise or greedy, got {run.policy!r}")
     if run.baseline_runs < 1:
         raise ConfigError(f"{source}: run.baseline_runs must be at least 1, got {run.baseline_runs}")
+    if unknown := sorted(set(config.notify.on) - {"best", "end"}):
+        raise ConfigError(f"{source}: notify.on has {unknown}; allowed events: best, end")
+    if config.notify.format not in ("auto", "json", "ntfy"):
+        raise ConfigError(f"{source}: notify.format must be auto, json or ntfy, got {config.notify.format!r}")
     if not lab.allowed_files:
         raise ConfigError(f"{source}: lab.allowed_files is empty; list the files agents may edit, e.g. [\"train.py\"]")
 
