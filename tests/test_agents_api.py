@@ -97,7 +97,7 @@ def test_openai_compatible_happy_path(worktree: Path, all_logs: pytest.LogCaptur
         REPLY_FORMAT.strip(),
     ):
         assert part in user["content"], part
-    assert_no_key(all_logs.text, repr(proposal))
+    assert_no_key(all_logs.text, repr(proposal), *(p.read_text() for p in worktree.iterdir()))
 
 
 def test_rate_limit_server_error_and_stall_are_retried(worktree: Path, all_logs: pytest.LogCaptureFixture) -> None:
@@ -207,6 +207,13 @@ def test_factory_and_configuration_errors(tmp_path: Path, monkeypatch: pytest.Mo
         "api", Config().with_overrides(["api.model=qwen", "api.base_url=http://127.0.0.1:1/v1"]), tmp_path
     )
     assert local.name == "api"  # a local server needs no key
+
+
+def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # as if not installed
+    config = ApiAgentConfig(provider="anthropic", model="claude-sonnet-4", api_key_env=KEY_ENV)
+    with pytest.raises(ConfigError, match=r"pip install 'nightlab\[api\]'"):
+        ApiProposer(config, environ={KEY_ENV: CANARY})
 
 
 def test_price_table_matches_model_families() -> None:
