@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="pycode (default), pycode:stdlib, climbmix or local:PATH")
     p.add_argument("--budget", type=float, help="training seconds per experiment (default 300)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any other nightlab.toml setting, e.g. --set run.baseline_runs=5 (repeatable)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
@@ -54,6 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed (default: lab.seed)")
     add_lab_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "demo",
+        help="a short night on the CPU: init a lab, prepare pycode:stdlib, run the search agent",
+        description="Everything end to end with no network, no API key and no GPU: creates a lab (default "
+        "./nightlab-demo), builds the embedded pycode dataset from this Python's standard library, and runs "
+        "a few experiments with the search agent on the tiny CPU model. Re-running continues the same lab.",
+    )
+    p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"), help="lab folder (default ./nightlab-demo)")
+    p.add_argument("--experiments", type=int, default=6, help="experiments after the baseline runs (default 6)")
+    p.add_argument("--budget", type=float, default=30, help="training seconds per experiment (default 30)")
+    p.set_defaults(func=cmd_demo)
 
 
 def add_lab_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +98,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     lab_dir: Path = args.dir
     if lab_dir.exists() and any(lab_dir.iterdir()):
         raise UserError(f"{lab_dir} already exists and is not empty: choose a new folder for the lab")
-    sets = []
+    sets = list(args.set)
     if args.dataset:
         sets.append(f"lab.dataset={json.dumps(args.dataset)}")
     if args.budget:
@@ -191,3 +205,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"eval_seconds: {ev.get('eval_s', 0):.1f}")
     print(f"corpus_hash: {prepared.corpus_hash}")
     return 0
+
+
+DEMO_SETTINGS = (
+    'lab.dataset="pycode:stdlib"',
+    'lab.device="cpu"',
+    "run.baseline_runs=2",
+    'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY"]',
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """init (once) -> prepare -> run, each through the same commands a user would type."""
+    from nightlab.cli import main
+
+    lab_dir: Path = args.dir
+    if not (lab_dir / cfg.CONFIG_FILE).exists():
+        settings = [f"lab.budget_s={args.budget}", *DEMO_SETTINGS]
+        if main(["init", str(lab_dir), *(a for s in settings for a in ("--set", s))]):
+            return 1
+    if main(["prepare", "--lab", str(lab_dir)]):
+        return 1
+    status = main(["run", "--lab", str(lab_dir), "--max-experiments", str(args.experiments), "--tag", "demo",
+                   *(["--resume"] if _has_run(lab_dir) else [])])
+    state = state_dir(lab_dir)
+    print(f"\nresults: {state / 'results.tsv'} | store: {state / 'store.db'} | runs: {state / 'runs'}")
+    print(f"report:  cd {lab_dir} && nightlab report --open")
+    return status
+
+
+def _has_run(lab_dir: Path) -> bool:
+    return (state_dir(lab_dir) / "store.db").exists()
