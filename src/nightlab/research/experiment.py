@@ -107,12 +107,12 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
     changed = git.changed_files(work)
     refused = git.disallowed(changed, lab.config.lab.allowed_files)
     if refused or not changed:
+        reason = "the proposal changed nothing"
         if refused:
+            undo = "restore them and run again" if kind == "manual" else "the edit was reverted"
             reason = (f"edited files outside the allowed ones ({', '.join(lab.config.lab.allowed_files)}): "
-                      f"{', '.join(refused)}; the edit was reverted")
-        else:
-            reason = "the proposal changed nothing"
-        if kind != "manual":
+                      f"{', '.join(refused)}; {undo}")
+        if kind != "manual":  # the lab's own checkout is the user's: never reset it
             git.worktree_reset(work, parent)
         exp = lab.store.add_experiment(lab.run.tag, **common, status="invalid", stage="done", reason=reason,
                                        finished_at=now())
@@ -129,11 +129,13 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
     return exp
 
 
-def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str) -> Experiment:
+def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Proposal | None = None) -> Experiment:
     """Record an agent that failed to propose (bad reply, timeout, error): ``invalid``, the loop goes on."""
+    spent = spent or Proposal("(agent failed)")
     exp = lab.store.add_experiment(lab.run.tag, kind="experiment", worker=lab.worker, agent=agent,
-                                   parent_commit=parent, description="(agent failed)", status="invalid",
-                                   stage="done", reason=reason, finished_at=now())
+                                   parent_commit=parent, description=spent.description, status="invalid",
+                                   stage="done", reason=reason, cost_usd=spent.cost_usd, tokens_in=spent.tokens_in,
+                                   tokens_out=spent.tokens_out, finished_at=now())
     lab.say(f"#{exp.id} invalid: {reason}")
     return exp
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from nightlab.config import Config, dumps
 from nightlab.paths import state_dir
 from nightlab.research import git
-from nightlab.research.agents.base import Context, Proposal, Proposer
+from nightlab.research.agents.base import Context, Proposal, ProposalError, Proposer
 from nightlab.research.experiment import Lab, admit, context, execute, invalid_proposal, measure_baseline, recover
 from nightlab.research.store import Experiment, Run, Store, now
 
@@ -34,6 +34,7 @@ class Prepared:
     parent: str
     proposal: Proposal | None
     error: str = ""
+    spent: Proposal | None = None  # what a failed attempt cost
 
 
 def prepare(lab_dir: Path, proposer: Proposer, ctx: Context, parent: str) -> Prepared:
@@ -41,6 +42,9 @@ def prepare(lab_dir: Path, proposer: Proposer, ctx: Context, parent: str) -> Pre
     try:
         work = git.worktree(lab_dir, PROPOSE_WORKTREE, parent)
         return Prepared(parent, proposer.propose(ctx, work))
+    except ProposalError as e:
+        spent = Proposal("(agent failed)", cost_usd=e.cost_usd, tokens_in=e.tokens_in, tokens_out=e.tokens_out)
+        return Prepared(parent, None, f"agent {proposer.name} failed: {e}", spent)
     except Exception as e:  # noqa: BLE001 -- an agent failure of any kind is recorded, never fatal
         return Prepared(parent, None, f"agent {proposer.name} failed: {type(e).__name__}: {e}")
 
@@ -118,7 +122,7 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
         best = lab.best_commit()
         work = state_dir(lab.dir) / "worktrees" / PROPOSE_WORKTREE
         if prepared.proposal is None:
-            exp = invalid_proposal(lab, prepared.parent, proposer.name, prepared.error)
+            exp = invalid_proposal(lab, prepared.parent, proposer.name, prepared.error, prepared.spent)
             failures += 1
             stop.wait(min(MAX_BACKOFF_S, 2.0 ** (failures - 1)) if failures > 1 else 0)
         elif prepared.parent != best and not git.move_changes(work, best):

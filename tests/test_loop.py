@@ -1,0 +1,185 @@
+"""The research loop end to end: scripted proposer, stand-in train.py, real evaluator, git and SQLite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
+from nightlab.cli import main
+from nightlab.research.agents.base import ProposalError
+from nightlab.research.agents.scripted import ScriptedProposer
+from nightlab.research.experiment import context
+from nightlab.research.loop import run_loop
+from nightlab.research.store import Store
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _lab(tmp_path: Path, toml: str) -> Path:
+    return make_lab(tmp_path / "lab", toml, set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
+
+
+def _fail(worktree: Path) -> str:
+    raise ProposalError("the reply had no edit", cost_usd=0.01, tokens_in=100, tokens_out=5)
+
+
+def _drop_docstring_line(worktree: Path) -> str:
+    path = worktree / "train.py"
+    path.write_text(path.read_text().replace("measurable change. MODE picks a failure to act out.\n", ""))
+    return "shorter docstring"
+
+
+@pytest.mark.slow
+def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
+    lab_dir = _lab(tmp_path, lab_toml(allowance_s=8.0))
+    lab = open_lab(lab_dir, data_dir)
+    proposer = ScriptedProposer([
+        constant_step("sharper unigram", "SHARPNESS", 1.0),
+        constant_step("noisy logits", "NOISE", 0.5),
+        constant_step("crashing", "MODE", "crash"),
+        constant_step("diverging", "MODE", "nan"),
+        constant_step("hanging", "MODE", "hang"),
+        ("scratch notes", {"notes.txt": "outside the allowed files"}),
+        _fail,
+        _drop_docstring_line,
+    ])
+    new = run_loop(lab, proposer, max_experiments=8)
+
+    rows = {e.description: e for e in lab.experiments()}
+    assert [e.id for e in new] == [e.id for e in lab.experiments()[1:]]
+    assert {d: e.status for d, e in rows.items()} == {
+        "baseline": "keep", "sharper unigram": "keep", "noisy logits": "discard", "crashing": "crash",
+        "diverging": "crash", "hanging": "timeout", "scratch notes": "invalid", "(agent failed)": "invalid",
+        "shorter docstring": "keep",
+    }
+    base, sharper, simpler = rows["baseline"], rows["sharper unigram"], rows["shorter docstring"]
+    assert sharper.val_bpb < base.val_bpb - 0.1 and "beyond the noise" in sharper.reason
+    assert "fewer lines" in simpler.reason and simpler.val_bpb == pytest.approx(sharper.val_bpb)
+    assert rows["noisy logits"].val_bpb > sharper.val_bpb
+    assert "RuntimeError: stand-in crash" in rows["crashing"].error
+    assert rows["diverging"].reason.startswith("NaN")
+    assert "hard cap" in rows["hanging"].reason
+    assert "notes.txt" in rows["scratch notes"].reason and rows["scratch notes"].commit_sha is None
+    assert rows["(agent failed)"].cost_usd == 0.01 and "no edit" in rows["(agent failed)"].reason
+    # Measurements: baseline and keeps confirmed with extra seeds, failures measured once.
+    counts = {d: len(lab.store.measurements(e.id)) for d, e in rows.items()}
+    assert counts == {"baseline": 2, "sharper unigram": 2, "noisy logits": 1, "crashing": 1, "diverging": 1,
+                      "hanging": 1, "scratch notes": 0, "(agent failed)": 0, "shorter docstring": 2}
+
+    # Git: the branch tip is the last keep, kept commits chain, every committed experiment has its ref.
+    assert git(lab_dir, "rev-parse", "nightlab/t") == simpler.commit_sha
+    assert git(lab_dir, "rev-parse", f"{simpler.commit_sha}^") == sharper.commit_sha == simpler.parent_commit
+    assert git(lab_dir, "rev-parse", f"{sharper.commit_sha}^") == base.commit_sha
+    for e in lab.experiments():
+        if e.commit_sha:
+            assert git(lab_dir, "rev-parse", f"refs/nightlab/exp/{e.id}") == e.commit_sha
+            if e.kind != "baseline":
+                assert git(lab_dir, "log", "-1", "--format=%s", e.commit_sha) == e.description
+    every_commit_file = git(lab_dir, "log", "--all", "--name-only", "--format=").split()
+    assert "notes.txt" not in every_commit_file
+    assert git(lab_dir, "status", "--porcelain") == ""  # the lab's own checkout was never touched
+
+    # The agent was told: outcomes of its proposals, and why the refused edit was refused.
+    assert [(o.description, o.status) for o in proposer.observations][:3] == [
+        ("sharper unigram", "keep"), ("noisy logits", "discard"), ("crashing", "crash")]
+    told = [c.last_error for c in proposer.contexts]
+    assert any("notes.txt" in t and "reverted" in t for t in told)
+    assert any("the reply had no edit" in t for t in told)
+    assert "#2 keep" in proposer.contexts[-1].history
+    assert (lab_dir / ".nightlab" / "best" / "model.pt").exists()
+    assert "SHARPNESS = 1.0" in (lab_dir / ".nightlab" / "best" / "train.py").read_text()
+
+
+def test_next_proposal_is_prepared_while_the_current_experiment_trains(tmp_path, data_dir):
+    lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
+    lab = open_lab(lab_dir, data_dir)
+    seen: list[tuple[str, str]] = []
+
+    def peek_then_edit(worktree: Path) -> str:
+        with Store.open(lab_dir) as store:  # what another process sees while this proposal is made
+            for _ in range(100):
+                first = [e for e in store.experiments() if e.description == "sharper"][0]
+                if first.status != "queued":
+                    break
+                time.sleep(0.01)
+            seen.append((first.status, first.stage))
+        return constant_step("more noise", "NOISE", 0.5)(worktree)
+
+    proposer = ScriptedProposer([
+        constant_step("sharper", "SHARPNESS", 1.0),
+        peek_then_edit,
+        constant_step("never asked", "NOISE", 0.1),
+    ])
+    run_loop(lab, proposer, max_experiments=2)
+    assert seen == [("running", "train")]
+    rows = lab.experiments()
+    assert [e.description for e in rows] == ["baseline", "sharper", "more noise"]
+    assert [e.status for e in rows] == ["keep", "keep", "discard"]
+    # Prepared on the baseline while the first trained, measured on top of the new best.
+    assert rows[2].parent_commit == rows[1].commit_sha == git(lab_dir, "rev-parse", f"{rows[2].commit_sha}^")
+    assert "SHARPNESS = 1.0" in git(lab_dir, "show", f"{rows[2].commit_sha}:train.py")
+    assert len(proposer.contexts) == 2
+
+
+def test_stop_ends_after_the_current_experiment(tmp_path, data_dir):
+    lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
+    lab = open_lab(lab_dir, data_dir)
+    stop = threading.Event()
+
+    def stop_while_training(worktree: Path) -> str:
+        stop.set()  # as Ctrl-C would, while experiment 1 trains
+        return constant_step("not run", "NOISE", 0.5)(worktree)
+
+    proposer = ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0), stop_while_training])
+    run_loop(lab, proposer, stop=stop)
+    assert [(e.description, e.status) for e in lab.experiments()] == [("baseline", "keep"), ("sharper", "keep")]
+    assert context(lab).best_val_bpb == lab.experiments()[1].val_bpb
+
+
+def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
+    lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
+    git(lab_dir, "switch", "-q", "-c", "nightlab/manual")
+    args = ["--lab", str(lab_dir), "--data", str(data_dir)]
+    train = lab_dir / "train.py"
+    start = git(lab_dir, "rev-parse", "HEAD")
+
+    train.write_text(set_constant(train.read_text(), "SHARPNESS", 1.0))
+    assert main(["experiment", "-m", "sharper", *args]) == 0
+    assert "status: keep" in capsys.readouterr().out
+    kept = git(lab_dir, "rev-parse", "HEAD")
+    assert git(lab_dir, "rev-parse", "HEAD^") == start and git(lab_dir, "log", "-1", "--format=%s") == "sharper"
+
+    train.write_text(set_constant(train.read_text(), "SHARPNESS", 0.2))
+    assert main(["experiment", "-m", "flatter", *args]) == 1
+    assert "status: discard" in capsys.readouterr().out
+    assert git(lab_dir, "rev-parse", "HEAD") == kept and git(lab_dir, "status", "--porcelain") == ""
+
+    (lab_dir / "program.md").write_text("edited by the agent\n")
+    assert main(["experiment", "-m", "edit the brief", *args]) == 1
+    out = capsys.readouterr().out
+    assert "status: invalid" in out and "program.md; restore them" in out
+    assert git(lab_dir, "rev-parse", "HEAD") == kept and "program.md" in git(lab_dir, "status", "--porcelain")
+
+    git(lab_dir, "checkout", "program.md")
+    assert main(["experiment", "-m", "nothing", *args]) == 2  # no edit: a user error, no row
+    assert "no edits to test" in capsys.readouterr().err
+    with Store.open(lab_dir) as store:
+        rows = store.experiments("manual")
+    assert [(e.kind, e.status) for e in rows] == [("baseline", "keep"), ("manual", "keep"), ("manual", "discard"),
+                                                  ("manual", "invalid")]
+    tsv = (lab_dir / ".nightlab" / "results.tsv").read_text().splitlines()
+    assert tsv[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription" and tsv[2].startswith(kept[:7])
+
+    flatter = rows[2]
+    assert main(["replay", str(flatter.id), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"val_bpb: {flatter.val_bpb:.6f}" in out and "seed: 1" in out
+    with Store.open(lab_dir) as store:
+        assert [m.kind for m in store.measurements(flatter.id, kinds=("first", "replay"))] == ["first", "replay"]
