@@ -1,0 +1,209 @@
+"""Datasets: from a spec (``pycode``, ``pycode:stdlib``, ``climbmix``, ``local:PATH``) to a prepared folder.
+
+``prepare`` runs four steps into ``<cache>/datasets/<slug>/`` (layout in docs/architecture.md), each
+skipped when its output is already there, each writing under a temporary name and renaming:
+
+1. text: the documents as Parquet text shards in ``text/``, with the sources, the validation rule
+   and the corpus hash in ``text/index.json``;
+2. tokenizer: BPE learned from the train split only (``tokenizer.pkl``, ``token_bytes.npy``);
+3. tokens: both splits tokenized once (``train.tokens.npy``, ``train.docs.npy``, ``val.*``);
+4. ``manifest.json``: everything above in one record. Its presence means the dataset is ready.
+
+To rebuild from scratch, delete the dataset folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nightlab import paths
+from nightlab.lab import progress as progress_bars
+from nightlab.lab import tokenizer as bpe
+from nightlab.lab import tokens
+from nightlab.lab.shards import INDEX_FILE, TextIndex, iter_text_batches, shard_paths
+
+SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
+MANIFEST_FILE = "manifest.json"
+TEXT_DIR = "text"
+
+
+class DatasetError(Exception):
+    """A dataset cannot be built: the message names the input and the fix."""
+
+
+class DatasetNotPrepared(FileNotFoundError):
+    """The dataset's folder has no manifest: ``nightlab prepare`` has not finished for it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    kind: str  # pycode | climbmix | local
+    scope: str = ""  # pycode: all | stdlib
+    path: Path | None = None  # local: the folder, resolved
+
+    @property
+    def slug(self) -> str:
+        """The folder name without the vocabulary size."""
+        if self.kind == "pycode":
+            return "pycode" if self.scope == "all" else f"pycode-{self.scope}"
+        if self.kind == "local":
+            assert self.path is not None
+            name = re.sub(r"[^A-Za-z0-9_.]+", "-", self.path.name).strip("-.") or "data"
+            return f"local-{name}-{hashlib.sha256(str(self.path).encode()).hexdigest()[:8]}"
+        return self.kind
+
+
+def parse_spec(spec: str) -> DatasetSpec:
+    kind, sep, arg = spec.strip().partition(":")
+    if kind == "pycode" and arg in ("", "stdlib"):
+        return DatasetSpec("pycode", scope=arg or "all")
+    if kind == "climbmix" and not sep:
+        return DatasetSpec("climbmix")
+    if kind == "local" and arg:
+        return DatasetSpec("local", path=Path(arg).expanduser().resolve())
+    raise DatasetError(f"unknown dataset {spec!r}: use {SPECS}")
+
+
+def dataset_dir(spec: str, vocab_size: int, *, home: Path | None = None) -> Path:
+    """``<home>/datasets/<slug>-v<vocab_size>``; the home defaults to ``$NIGHTLAB_HOME`` or ``~/.cache/nightlab``."""
+    base = Path(home) / "datasets" if home is not None else paths.datasets_home()
+    return base / f"{parse_spec(spec).slug}-v{vocab_size}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    dir: Path
+    manifest: dict[str, Any]
+    corpus_hash: str
+    bos_id: int
+    vocab_size: int
+
+
+def open_prepared(spec: str, vocab_size: int, *, home: Path | None = None) -> Prepared:
+    """The prepared dataset for ``spec`` and ``vocab_size``; fails with the command that prepares it."""
+    directory = dataset_dir(spec, vocab_size, home=home)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise DatasetNotPrepared(f"dataset {spec} (vocab {vocab_size}) is not prepared in {directory}: run "
+                                 f"`nightlab prepare --dataset {spec} --vocab-size {vocab_size}` first")
+    manifest = json.loads(path.read_text())
+    return Prepared(dir=directory, manifest=manifest, corpus_hash=manifest["corpus_hash"],
+                    bos_id=int(manifest["bos_id"]), vocab_size=int(manifest["vocab_size"]))
+
+
+def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Path | None = None,
+            progress: bool = True, tokenizer_chars: int = bpe.TRAIN_CHARS) -> Path:
+    """Build (or finish building) the dataset and return its folder. Safe to re-run: finished steps are kept.
+
+    ``num_shards`` is the number of ClimbMix training shards (other datasets ignore it);
+    ``tokenizer_chars`` bounds the train-split text the tokenizer learns from.
+    """
+    parsed = parse_spec(spec)
+    directory = dataset_dir(spec, vocab_size, home=home)
+    home_dir = Path(home) if home is not None else paths.cache_home()
+    if parsed.kind == "climbmix" and _prepared_shards(directory) not in (None, num_shards):
+        _say(progress, f"{directory.name} was prepared from {_prepared_shards(directory)} shards; "
+                       f"rebuilding it from {num_shards}")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = _text_step(parsed, directory, home_dir, num_shards, progress)
+    tokenizer = _tokenizer_step(directory, vocab_size, tokenizer_chars, progress)
+    counts = {}
+    for split in ("train", "val"):
+        if not tokens.is_tokenized(directory, split):
+            tokens.tokenize_split(tokenizer, shard_paths(directory / TEXT_DIR, split), directory, split,
+                                  progress=progress)
+        counts[split] = np.load(tokens.token_paths(directory, split)[1], mmap_mode="r")
+    if not (directory / MANIFEST_FILE).is_file():
+        _write_manifest(directory, spec, index, tokenizer, counts, tokenizer_chars)
+    _say(progress, f"dataset {spec}: corpus {index.corpus_hash}, vocab {vocab_size}, ready at {directory}")
+    return directory
+
+
+def _say(enabled: bool, line: str) -> None:
+    if enabled:
+        print(line, flush=True)
+
+
+def _prepared_shards(directory: Path) -> int | None:
+    path = directory / TEXT_DIR / INDEX_FILE
+    return TextIndex.load(path.parent).details.get("num_shards") if path.is_file() else None
+
+
+def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, progress: bool) -> TextIndex:
+    text_dir = directory / TEXT_DIR
+    if (text_dir / INDEX_FILE).is_file():
+        return TextIndex.load(text_dir)
+    partial = directory / f"{TEXT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(text_dir, ignore_errors=True)
+    partial.mkdir()
+    if spec.kind == "pycode":
+        from nightlab.lab import pycode
+
+        index = pycode.build(spec.scope, partial, progress=progress)
+    elif spec.kind == "climbmix":
+        from nightlab.lab import climbmix
+
+        index = climbmix.build(num_shards, partial, home / "downloads" / "climbmix", progress=progress)
+    else:
+        from nightlab.lab import localtext
+
+        assert spec.path is not None
+        index = localtext.build(spec.path, partial, progress=progress)
+    index.save(partial)
+    os.replace(partial, text_dir)
+    return index
+
+
+def _tokenizer_step(directory: Path, vocab_size: int, max_chars: int, progress: bool) -> bpe.Tokenizer:
+    if (directory / bpe.TOKENIZER_FILE).is_file() and (directory / bpe.TOKEN_BYTES_FILE).is_file():
+        return bpe.Tokenizer.load(directory)
+    texts = (t for batch in iter_text_batches(shard_paths(directory / TEXT_DIR, "train")) for t in batch)
+    with progress_bars.bar(f"training the tokenizer (vocab {vocab_size})", None, enabled=progress):
+        tokenizer = bpe.train(texts, vocab_size, max_chars=max_chars)
+    tokenizer.save(directory)
+    return tokenizer
+
+
+def _write_manifest(directory: Path, spec: str, index: TextIndex, tokenizer: bpe.Tokenizer,
+                    docs: dict[str, np.ndarray], tokenizer_chars: int) -> None:
+    val = np.load(directory / "val.tokens.npy", mmap_mode="r")
+    manifest = {
+        "spec": spec,
+        "sources": index.sources,
+        "split": index.split,
+        "corpus_hash": index.corpus_hash,
+        "details": index.details,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "tokenizer": {"kind": "bpe (rustbpe, tiktoken)", "pattern": tokenizer.pattern,
+                      "trained_on": f"the train split, at most {tokenizer_chars:,} characters"},
+        "train_documents": len(docs["train"]) - 1,
+        "val_documents": len(docs["val"]) - 1,
+        "train_tokens": int(docs["train"][-1]),
+        "val_tokens": int(docs["val"][-1]),
+        "val_bytes": _byte_count(val, tokenizer.token_bytes),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = directory / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, directory / MANIFEST_FILE)
+
+
+def _byte_count(ids: np.ndarray, token_bytes: np.ndarray, chunk: int = 1 << 24) -> int:
+    """UTF-8 bytes of a token stream, counted in chunks so a large split stays out of memory."""
+    counts = np.zeros(len(token_bytes), dtype=np.int64)
+    for start in range(0, len(ids), chunk):
+        counts += np.bincount(ids[start:start + chunk], minlength=len(token_bytes))
+    return int(counts @ token_bytes.astype(np.int64))
