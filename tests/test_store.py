@@ -88,3 +88,16 @@ def test_runs_are_recorded_once(store):
     assert store.run("t") == run and store.runs() == [run] and store.run("nope") is None
     with pytest.raises(sqlite3.IntegrityError):
         store.add_run("t", "nightlab/t", "abc", "search", "[lab]")
+
+
+def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path):
+    code = "import sys; from nightlab.research.store import Store; Store(sys.argv[1]).close()"
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store.db")], stderr=subprocess.PIPE)
+             for _ in range(4)]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    with Store(tmp_path / "store.db") as store:
+        assert schema_version(store.conn) == len(MIGRATIONS)

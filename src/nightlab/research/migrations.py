@@ -80,18 +80,38 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply the migrations the database lacks; return its version."""
+    """Apply the migrations the database lacks; return its version.
+
+    Each migration runs under a write lock and re-reads the version inside it, so two processes
+    opening a new store at once (a loop and a report) apply it once.
+    """
+    for number in range(schema_version(conn) + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if schema_version(conn) < number:
+                for statement in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     version = schema_version(conn)
     if version > len(MIGRATIONS):
         raise RuntimeError(
             f"the store is at schema version {version}, newer than this nightlab knows ({len(MIGRATIONS)}); "
             "upgrade nightlab"
         )
-    for number in range(version + 1, len(MIGRATIONS) + 1):
-        try:
-            conn.executescript(f"BEGIN;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;")
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
-    return schema_version(conn)
+    return version
+
+
+def _statements(script: str) -> list[str]:
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"migration ends in an incomplete statement: {buffer.strip()[:80]}")
+    return statements
