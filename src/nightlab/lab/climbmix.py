@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from nightlab.lab import progress as progress_bars
 from nightlab.lab.shards import TextIndex, file_sha256, sources_hash
@@ -37,17 +37,23 @@ def shard_names(num_shards: int) -> tuple[list[str], str]:
     return [shard_name(i) for i in range(num_shards)], shard_name(LAST_SHARD)
 
 
-def _byte_counter(advance: Callable[[int], None]):
-    """A tqdm class for ``hf_hub_download`` that feeds its byte counts into one shared progress bar."""
+def _byte_counter(bar: progress_bars.Bar):
+    """A tqdm class for ``hf_hub_download`` that feeds every file's byte counts into one shared progress bar."""
     from tqdm import tqdm
+
+    lock = threading.Lock()
+    expected = [0]
 
     class Bytes(tqdm):
         def __init__(self, *args, **kwargs) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
+            with lock:
+                expected[0] += int(kwargs.get("total") or 0) - int(kwargs.get("initial") or 0)
+                bar.set_total(expected[0] or None)
 
         def update(self, n: float | None = 1) -> bool | None:
-            advance(int(n or 0))
+            bar.advance(int(n or 0))
             return None
 
     return Bytes
@@ -64,7 +70,7 @@ def download(dest: Path, names: list[str], *, progress: bool = True, workers: in
     missing = [n for n in names if not (dest / n).is_file()]
     with progress_bars.bar(f"downloading {len(missing)} ClimbMix shards", None, enabled=progress and bool(missing),
                            unit="B") as bar:
-        tqdm_class = _byte_counter(bar.advance)
+        tqdm_class = _byte_counter(bar)
 
         def fetch(name: str) -> Path:
             if (dest / name).is_file():
@@ -101,7 +107,7 @@ def build(num_shards: int, text_dir: Path, downloads: Path, *, progress: bool = 
     sources = []
     for i, path in enumerate(paths):
         split = "val" if path.name == val_name else "train"
-        link(path, text_dir / (f"val-00000.parquet" if split == "val" else f"train-{i:05d}.parquet"))
+        link(path, text_dir / ("val-00000.parquet" if split == "val" else f"train-{i:05d}.parquet"))
         sources.append({"name": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size, "split": split})
     return TextIndex(sources=sources, split=SPLIT_RULE, corpus_hash=sources_hash(sources, SPLIT_RULE),
                      details={"repo": REPO_ID, "num_shards": num_shards})
