@@ -120,6 +120,11 @@ def test_prepare_skips_finished_steps_and_finishes_missing_ones(mixed_folder: Pa
         assert (directory / name).stat().st_mtime_ns == stamps[directory / name], f"{name} was not redone"
     assert not [p for p in directory.rglob("*") if "tmp" in p.name or "partial" in p.name]
 
+    (directory / "tokenizer.pkl").unlink()  # a new tokenizer makes the token cache stale
+    datasets.prepare(spec, VOCAB, home=home, progress=False)
+    assert (directory / "train.tokens.npy").stat().st_mtime_ns != stamps[directory / "train.tokens.npy"]
+    assert (directory / "text/train-00000.parquet").stat().st_mtime_ns == stamps[directory / "text/train-00000.parquet"]
+
 
 def test_open_prepared_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nightlab prepare --dataset pycode:stdlib --vocab-size 4096"):

@@ -35,6 +35,8 @@ from nightlab.lab.shards import INDEX_FILE, TextIndex, iter_text_batches, shard_
 SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
 MANIFEST_FILE = "manifest.json"
 TEXT_DIR = "text"
+TOKENIZER_FILES = [bpe.TOKENIZER_FILE, bpe.TOKEN_BYTES_FILE]
+TOKEN_FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "docs")]
 
 
 class DatasetError(Exception):
@@ -118,21 +120,25 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
     directory.mkdir(parents=True, exist_ok=True)
     index = _text_step(parsed, directory, home_dir, num_shards, progress)
     tokenizer = _tokenizer_step(directory, vocab_size, tokenizer_chars, progress)
-    counts = {}
     for split in ("train", "val"):
         if not tokens.is_tokenized(directory, split):
+            _remove(directory, [MANIFEST_FILE])
             tokens.tokenize_split(tokenizer, shard_paths(directory / TEXT_DIR, split), directory, split,
                                   progress=progress)
-        counts[split] = np.load(tokens.token_paths(directory, split)[1], mmap_mode="r")
     if not (directory / MANIFEST_FILE).is_file():
-        _write_manifest(directory, spec, index, tokenizer, counts, tokenizer_chars)
-    _say(progress, f"dataset {spec}: corpus {index.corpus_hash}, vocab {vocab_size}, ready at {directory}")
+        _write_manifest(directory, spec, index, tokenizer, tokenizer_chars)
     return directory
 
 
 def _say(enabled: bool, line: str) -> None:
     if enabled:
         print(line, flush=True)
+
+
+def _remove(directory: Path, names: list[str]) -> None:
+    """Delete outputs of later steps, which an earlier step's new output makes stale."""
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
 
 
 def _prepared_shards(directory: Path) -> int | None:
@@ -144,6 +150,7 @@ def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, 
     text_dir = directory / TEXT_DIR
     if (text_dir / INDEX_FILE).is_file():
         return TextIndex.load(text_dir)
+    _remove(directory, TOKENIZER_FILES + TOKEN_FILES + [MANIFEST_FILE])
     partial = directory / f"{TEXT_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(text_dir, ignore_errors=True)
@@ -169,16 +176,22 @@ def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, 
 def _tokenizer_step(directory: Path, vocab_size: int, max_chars: int, progress: bool) -> bpe.Tokenizer:
     if (directory / bpe.TOKENIZER_FILE).is_file() and (directory / bpe.TOKEN_BYTES_FILE).is_file():
         return bpe.Tokenizer.load(directory)
-    texts = (t for batch in iter_text_batches(shard_paths(directory / TEXT_DIR, "train")) for t in batch)
-    with progress_bars.bar(f"training the tokenizer (vocab {vocab_size})", None, enabled=progress):
-        tokenizer = bpe.train(texts, vocab_size, max_chars=max_chars)
+    _remove(directory, TOKEN_FILES + [MANIFEST_FILE])
+    with progress_bars.bar(f"training the tokenizer (vocab {vocab_size})", None, enabled=progress) as bar:
+        def texts():
+            for batch in iter_text_batches(shard_paths(directory / TEXT_DIR, "train")):
+                yield from batch
+                bar.advance(len(batch))
+
+        tokenizer = bpe.train(texts(), vocab_size, max_chars=max_chars)
     tokenizer.save(directory)
     return tokenizer
 
 
 def _write_manifest(directory: Path, spec: str, index: TextIndex, tokenizer: bpe.Tokenizer,
-                    docs: dict[str, np.ndarray], tokenizer_chars: int) -> None:
-    val = np.load(directory / "val.tokens.npy", mmap_mode="r")
+                    tokenizer_chars: int) -> None:
+    docs = {split: np.load(tokens.token_paths(directory, split)[1]) for split in ("train", "val")}
+    val = np.load(tokens.token_paths(directory, "val")[0], mmap_mode="r")
     manifest = {
         "spec": spec,
         "sources": index.sources,
