@@ -232,8 +232,8 @@ def _trial(lab: Lab, exp: Experiment, seed: int, kind: str, k: int) -> TrialResu
                          reason=f"seed {seed}: {result.reason}")
     else:
         lab.store.update(exp.id, stage="judge", pgid=None)
-    shown = f"val_bpb {result.val_bpb:.6f}" if result.val_bpb is not None else result.reason
-    lab.say(f"{label} {result.status}: {shown} ({result.total_s:.1f} s)")
+    if result.status == "ok":  # a failure is told once, with the experiment's verdict
+        lab.say(f"{label} ok: val_bpb {result.val_bpb:.6f} ({result.total_s:.1f} s)")
     return result
 
 
