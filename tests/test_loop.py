@@ -183,3 +183,22 @@ def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
     assert f"val_bpb: {flatter.val_bpb:.6f}" in out and "seed: 1" in out
     with Store.open(lab_dir) as store:
         assert [m.kind for m in store.measurements(flatter.id, kinds=("first", "replay"))] == ["first", "replay"]
+
+
+def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):
+    from nightlab.research import history
+
+    with Store(tmp_path / "store.db") as store:
+        store.add_experiment("t", kind="baseline", description="baseline", status="keep", val_bpb=1.0)
+        for i in range(40):
+            status = "keep" if i in (3, 20) else "discard" if i % 5 else "crash"
+            store.add_experiment("t", description=f"idea {i}", status=status, val_bpb=None if status == "crash" else 1.0 - i / 1000,
+                                 reason="exit code 1: boom" if status == "crash" else "not better")
+        store.add_experiment("t", description="still training", status="running")
+        text = history.render(store.experiments("t"), noise=0.001, max_chars=1200)
+    lines = text.splitlines()
+    assert len(text) <= 1200 and lines[0].startswith("41 experiments") and "best 0.980000 at #22" in lines[0]
+    assert lines[1].startswith("(") and "older experiments not shown" in lines[1]
+    assert any(line.startswith("#5 keep") for line in lines) and any(line.startswith("#22 keep") for line in lines)
+    assert lines[-1].startswith("#41 ") and "still training" not in text
+    assert "#37 crash   -" in text and "exit code 1: boom" in text
