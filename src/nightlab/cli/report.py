@@ -59,6 +59,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lab_args(p)
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser(
+        "export",
+        help="export a run: results.tsv in autoresearch's columns, or runs into MLflow",
+        description="tsv: results.tsv (commit, val_bpb, memory_gb, status, description), as autoresearch writes "
+        "it. mlflow: one MLflow run per finished experiment (params, metrics, tags, its diff) into "
+        "$MLFLOW_TRACKING_URI or the lab's own store LAB/.nightlab/mlflow.db; exporting again adds only new ones.",
+    )
+    p.add_argument("target", choices=("tsv", "mlflow"), help="what to export to")
+    p.add_argument("--tag", help="which run (default: the latest)")
+    p.add_argument("--out", type=Path, metavar="PATH", help="tsv: where to write (default: LAB/.nightlab/results.tsv)")
+    p.add_argument("--tracking-uri", metavar="URI", help="mlflow: tracking URI (default: see above)")
+    p.add_argument("--experiment", metavar="NAME", help="mlflow: experiment name (default: nightlab <lab folder>)")
+    add_lab_args(p)
+    p.set_defaults(func=cmd_export)
+
 
 def cmd_report(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
@@ -143,3 +158,22 @@ def _dataset_dir(config: cfg.Config) -> Path:
         return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size).dir)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
+    from nightlab.report import export
+
+    lab_dir = find_lab(args.lab)
+    try:
+        if args.target == "tsv":
+            print(f"results: {export.export_tsv(lab_dir, args.out, args.tag)}")
+            return 0
+        done = export.export_mlflow(lab_dir, args.tracking_uri, args.experiment, args.tag)
+    except (LookupError, export.MissingMlflow) as e:
+        raise UserError(str(e.args[0] if isinstance(e, LookupError) else e)) from None
+    print(f"mlflow: {done.added} experiment(s) added to {done.experiment_name!r} ({done.already} were there) "
+          f"at {done.tracking_uri}")
+    if done.tracking_uri.startswith("sqlite:"):
+        print(f"view them: mlflow ui --backend-store-uri {done.tracking_uri}")
+    return 0
