@@ -55,7 +55,7 @@ CPU_ASPECT_RATIO = 64  # width = CPU_DEPTH * CPU_ASPECT_RATIO
 CPU_HEAD_DIM = 32  # head width
 CPU_SEQ_LEN = 256  # tokens per row
 CPU_TOTAL_BATCH_SIZE = 2**13  # tokens per optimizer step
-CPU_DEVICE_BATCH_SIZE = 32  # rows per forward pass
+CPU_DEVICE_BATCH_SIZE = 16  # rows per forward pass
 
 if lab.preset == "cpu":
     DEPTH, ASPECT_RATIO, HEAD_DIM = CPU_DEPTH, CPU_ASPECT_RATIO, CPU_HEAD_DIM
