@@ -124,7 +124,8 @@ def test_live_view_prints_events_as_lines_without_a_tty(night: SimulatedNight) -
         view.say("#31 keep: beats the best")
         snap = view.snapshot()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and lines[0].endswith(" #31 training: wider MLP") and lines[1].endswith(" keep: beats the best")
+    assert len(lines) == 2
+    assert lines[0].endswith(" #31 training: wider MLP") and lines[1].endswith(" #31 keep: beats the best")
     assert [e.split(" ", 1)[1] for e in snap.events] == ["#31 training: wider MLP", "#31 keep: beats the best"]
 
 

@@ -78,9 +78,10 @@ def simulated_night(root: Path, plan: tuple[str, ...] | list[str] = PLAN, worker
             store.add_measurement(exp_id, k, kind, trial_status, value, run_dir)
         end = start + timedelta(seconds=(TRAIN_S + EVAL_S + 20) * max(len(values), 1))
         ok = [v for v in values if v is not None]
-        store.update(exp_id, status=status, stage="done", val_bpb=float(np.mean(ok)) if ok and status in ("keep", "discard")
-                     else None, training_seconds=TRAIN_S, total_seconds=TRAIN_S + EVAL_S + 20, total_tokens=486_000_000,
-                     num_steps=400, num_params=50_300_000, peak_memory_mb=44_000 + 100 * exp_id, mfu_percent=45.0,
+        judged = float(np.mean(ok)) if ok and status in ("keep", "discard") else None
+        store.update(exp_id, status=status, stage="done", val_bpb=judged, training_seconds=TRAIN_S,
+                     total_seconds=TRAIN_S + EVAL_S + 20, total_tokens=486_000_000, num_steps=400,
+                     num_params=50_300_000, peak_memory_mb=44_000 + 100 * exp_id, mfu_percent=45.0,
                      finished_at=_iso(end), **fields)
         clock[worker] = end + timedelta(seconds=int(rng.integers(1, 30)))
 

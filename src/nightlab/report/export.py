@@ -111,7 +111,8 @@ def _log_row(client, experiment_id: str, night: Night, row: Row) -> None:
         metrics.append(Metric("delta_vs_parent", row.delta, stamp, 0))
     metrics += [Metric("val_bpb_trial", value, stamp, k) for k, value in enumerate(row.values)]
     params = [Param(name, str(getattr(e, name))) for name in PARAMS if getattr(e, name) is not None]
-    client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=[RunTag("description", _short(e.description, 500))])
+    client.log_batch(run.info.run_id, metrics=metrics, params=params,
+                     tags=[RunTag("description", _short(e.description, 500))])
     diff = night.diff(row)
     if diff:
         client.log_text(run.info.run_id, diff, "diff.patch")

@@ -131,7 +131,8 @@ def _header(night: Night) -> str:
                         f"<span>{escape(note)}</span></div>" for label, value, note in cards)
     run = night.run
     return (f"<h1>nightlab report: run {escape(run.tag)}</h1>\n"
-            f"<div class=\"sub\">branch <code>{escape(run.branch)}</code> from <code>{escape(run.base_commit[:10])}</code>"
+            f"<div class=\"sub\">branch <code>{escape(run.branch)}</code> "
+            f"from <code>{escape(run.base_commit[:10])}</code>"
             f", agent {escape(run.agent)}, lab <code>{escape(str(night.lab_dir))}</code></div>\n"
             f"<div class=\"cards\">{card_html}</div>")
 
@@ -215,7 +216,8 @@ def _failures(night: Night) -> str:
     rows = []
     for g in groups:
         links = ", ".join(f"<a href=\"#exp-{i}\">#{i}</a>" for i in g.ids)
-        rows.append(f"<tr><td class=\"status {escape(g.status)}\">{escape(g.status)}</td><td class=\"num\">{len(g.ids)}</td>"
+        rows.append(f"<tr><td class=\"status {escape(g.status)}\">{escape(g.status)}</td>"
+                    f"<td class=\"num\">{len(g.ids)}</td>"
                     f"<td><details><summary>{escape(g.cause)}</summary><pre>{escape(g.example[-3000:])}</pre>"
                     f"</details></td><td>{links}</td></tr>")
     total = sum(len(g.ids) for g in groups)
@@ -231,7 +233,8 @@ def _timeline(night: Night, png: bytes | None) -> str:
         s = busy_share(lane)
         total = sum(s.values()) or 1.0
         rows.append(f"<tr><td>{escape(worker)}</td><td class=\"num\">{fmt_seconds(s.get('train'))}</td>"
-                    f"<td class=\"num\">{fmt_seconds(s.get('eval'))}</td><td class=\"num\">{fmt_seconds(s.get('idle', 0.0))}</td>"
+                    f"<td class=\"num\">{fmt_seconds(s.get('eval'))}</td>"
+                    f"<td class=\"num\">{fmt_seconds(s.get('idle', 0.0))}</td>"
                     f"<td class=\"num\">{100 * s.get('train', 0.0) / total:.0f} %</td></tr>")
     table = ("<table><thead><tr><th>worker</th><th>training</th><th>evaluating</th><th>idle</th>"
              "<th>training share</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>") if rows else ""

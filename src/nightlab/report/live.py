@@ -225,7 +225,8 @@ def render_text(snap: Snapshot, width: int = 100) -> str:
         lines.append(_lane_text(lane))
     if snap.leaderboard:
         lines.append("leaderboard:")
-        lines += [f"  #{e.id:<4} {e.status:<8} {fmt_val(e.val_bpb)} {fmt_delta(e.delta):>10}  {_clip(e.description, 60)}"
+        lines += [f"  #{e.id:<4} {e.status:<8} {fmt_val(e.val_bpb)} {fmt_delta(e.delta):>10}  "
+                  f"{_clip(e.description, 60)}"
                   for e in snap.leaderboard]
     if snap.events:
         lines.append("latest:")
@@ -378,7 +379,7 @@ class LiveView:
     def interactive(self) -> bool:
         return self.console.is_terminal
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         if self.interactive:
             from rich.live import Live
 

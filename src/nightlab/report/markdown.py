@@ -33,7 +33,8 @@ def _headline(night: Night) -> list[str]:
         out.append(f"- **best val_bpb {fmt_val(best.exp.val_bpb)}** (#{best.id}, "
                    f"`{(best.exp.commit_sha or '')[:10]}`): {_clip(best.exp.description)}")
         if base is not None and gain is not None:
-            out.append(f"- baseline {fmt_val(base.exp.val_bpb)} → best {fmt_val(best.exp.val_bpb)}: {fmt_delta(-gain)} "
+            out.append(f"- baseline {fmt_val(base.exp.val_bpb)} → best {fmt_val(best.exp.val_bpb)}: "
+                       f"{fmt_delta(-gain)} "
                        f"({-100 * gain / base.exp.val_bpb:+.2f} %)")
     for r in night.running:
         out.append(f"- running now: #{r.id} on {r.exp.worker}: {_clip(r.exp.description)}")

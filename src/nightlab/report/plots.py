@@ -95,7 +95,7 @@ def timeline_png(night: Night) -> bytes:
         ax.set_axis_off()
         return _png(fig)
     origin = min(s.start for lane in lanes.values() for s in lane)
-    for y, (worker, lane) in enumerate(lanes.items()):
+    for y, lane in enumerate(lanes.values()):
         for state in ("idle", "train", "eval"):
             spans = [(_hours(s.start, origin), _hours(s.end, origin) - _hours(s.start, origin))
                      for s in lane if s.state == state]

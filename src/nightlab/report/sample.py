@@ -88,7 +88,7 @@ def _from_experiment(lab_dir: Path, exp: Experiment, allowed_files: tuple[str, .
         for name in allowed_files:
             text = git.read_file(lab_dir, exp.commit_sha or "", name)
             if text is None:
-                problem = f"{name} is missing from experiment {exp.id}'s commit {exp.commit_sha[:10]}"  # type: ignore[index]
+                problem = f"{name} is missing from experiment {exp.id}'s commit {(exp.commit_sha or '')[:10]}"
                 break
             files[name] = text + "\n"
     if problem:
