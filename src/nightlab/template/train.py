@@ -29,8 +29,8 @@ DEPTH = 8  # number of transformer layers
 ASPECT_RATIO = 64  # model width = DEPTH * ASPECT_RATIO
 HEAD_DIM = 128  # width of one attention head
 SEQ_LEN = 2048  # tokens per training row
-TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
-DEVICE_BATCH_SIZE = 128  # rows per forward pass (gradient accumulation fills the rest)
+TOTAL_BATCH_SIZE = 2**18  # tokens per optimizer step
+DEVICE_BATCH_SIZE = 64  # rows per forward pass (gradient accumulation fills the rest)
 LOGIT_CAP = 15.0  # soft cap on the output logits: cap * tanh(logits / cap)
 ROPE_BASE = 10000.0  # rotary embedding base
 EMBEDDING_LR = 0.6  # AdamW, token and value embeddings
@@ -44,8 +44,8 @@ MUON_MOMENTUM = 0.95  # Muon momentum after its warmup
 MUON_MOMENTUM_START = 0.85  # Muon momentum at step 0
 MUON_MOMENTUM_WARMUP_STEPS = 300  # steps to ramp the momentum
 WARMUP_RATIO = 0.0  # share of the budget spent ramping the learning rate up
-WARMDOWN_RATIO = 0.5  # share of the budget spent ramping the learning rate down
-FINAL_LR_FRAC = 0.0  # learning rate at the end, as a share of the peak
+WARMDOWN_RATIO = 0.7  # share of the budget spent ramping the learning rate down
+FINAL_LR_FRAC = 0.05  # learning rate at the end, as a share of the peak
 X0_INIT = 0.1  # initial weight of the embedding skip into every layer
 COMPILE = True  # torch.compile the model and optimizer on CUDA
 
@@ -244,7 +244,7 @@ class Muon(torch.optim.Optimizer):
         self._lr = torch.tensor(0.0, device=DEVICE)  # tensors, so a compiled step never recompiles
         self._momentum = torch.tensor(0.0, device=DEVICE)
         self._wd = torch.tensor(0.0, device=DEVICE)
-        self._update = torch.compile(muon_update) if ON_CUDA and COMPILE else muon_update
+        self._update = torch.compile(muon_update, dynamic=False) if ON_CUDA and COMPILE else muon_update
 
     @torch.no_grad()
     def step(self):
@@ -310,6 +310,10 @@ def main():
         torch.cuda.manual_seed(lab.seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if torch.cuda.get_device_capability(DEVICE)[0] >= 9:
+            # On Hopper, cuDNN's fused attention is the fastest causal kernel PyTorch ships.
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
 
     model = build_model()
     num_params = sum(p.numel() for p in model.parameters())
