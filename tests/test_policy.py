@@ -66,7 +66,7 @@ def test_a_change_with_no_effect_is_not_kept_in_20_tries():
     # 200 simulated nights of 20 changes that do nothing: the policy keeps none of them in more than
     # 90 % of the nights (with the noise known exactly it would be ~97 %; it is measured here).
     # Autoresearch's greedy rule keeps noise almost every night.
-    rules = RunConfig(baseline_runs=5, confirm_runs=4)
+    rules = RunConfig()  # the defaults
     nights = [_night(random.Random(seed), rules, 0.0, 20) for seed in range(200)]
     assert sum(k == 0 for k in nights) / len(nights) > 0.90
     greedy = RunConfig(policy="greedy")
@@ -74,7 +74,7 @@ def test_a_change_with_no_effect_is_not_kept_in_20_tries():
 
 
 def test_a_true_improvement_of_three_noise_widths_is_kept():
-    rules = RunConfig(baseline_runs=5, confirm_runs=4)
+    rules = RunConfig()  # the defaults
     kept = [_night(random.Random(seed), rules, 3 * SIGMA, 1) for seed in range(300)]
     assert sum(kept) / len(kept) > 0.85
 

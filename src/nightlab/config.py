@@ -45,8 +45,8 @@ class LabConfig:
 class RunConfig:
     agent: str = "search"  # search | api | cli | scripted
     policy: str = "noise"  # noise (measured noise decides) | greedy (autoresearch's rule)
-    baseline_runs: int = 3  # baseline reruns with new seeds to measure the noise
-    confirm_runs: int = 2  # extra seeds for a close call
+    baseline_runs: int = 5  # baseline runs with new seeds to measure the noise (5: see tests/test_policy.py)
+    confirm_runs: int = 3  # extra seeds for a close call
     noise_floor: float = 0.0005  # smallest noise width the policy assumes (val_bpb)
     simplicity_tolerance: float = 0.0002  # equal within this and shorter code is a keep
     max_experiments: int = 0  # 0 = no limit
