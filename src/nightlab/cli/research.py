@@ -111,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         proposer = create(config.run.agent, config, lab_dir)
     except (ValueError, ImportError) as e:
         raise UserError(f"agent {config.run.agent!r}: {e}") from None
+    from nightlab.report.live import LiveView
+    from nightlab.report.notify import Notifier
+
     stop = threading.Event()
     with Store.open(lab_dir) as store:
         try:
@@ -118,20 +121,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         except LookupError as e:
             raise UserError(str(e)) from None
         lab = _lab(lab_dir, config, data_dir, store, run, args.verbose)
-        say(f"run {run.tag} on branch {run.branch} with agent {proposer.name}; Ctrl-C to stop")
         previous = _on_signals(stop)
-        try:
-            run_loop(lab, proposer, stop=stop,
-                     max_experiments=args.max_experiments if args.max_experiments is not None else config.run.max_experiments,
-                     hours=args.hours if args.hours is not None else config.run.hours)
-        except BaselineError as e:
-            raise UserError(str(e)) from None
-        except KeyboardInterrupt:
-            say(f"stopped at once; continue with `nightlab run --resume --tag {run.tag}`")
-            return 130
-        finally:
-            _restore_signals(previous)
-            results = store.export_tsv(state_dir(lab_dir) / RESULTS_FILE, run.tag)
+        with LiveView(store, lab_dir, run.tag, budget_s=config.lab.budget_s) as view:
+            notifier = Notifier(config.notify, store, lab_dir, run.tag, view.say)
+            lab.say, lab.on_finished = view.say, notifier.on_finished
+            shown = lab.on_progress  # --verbose: train.py's lines as well
+            lab.on_progress = (lambda line: (shown(line), view.progress(line))) if shown else view.progress
+            view.say(f"run {run.tag} on branch {run.branch} with agent {proposer.name}; Ctrl-C to stop")
+            try:
+                run_loop(lab, proposer, stop=stop,
+                         max_experiments=args.max_experiments if args.max_experiments is not None
+                         else config.run.max_experiments,
+                         hours=args.hours if args.hours is not None else config.run.hours)
+            except BaselineError as e:
+                raise UserError(str(e)) from None
+            except KeyboardInterrupt:
+                view.say(f"stopped at once; continue with `nightlab run --resume --tag {run.tag}`")
+                return 130
+            finally:
+                _restore_signals(previous)
+                results = store.export_tsv(state_dir(lab_dir) / RESULTS_FILE, run.tag)
+                notifier.on_end()
         _print_summary(lab, results)
     return 0
 

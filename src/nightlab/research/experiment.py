@@ -39,6 +39,7 @@ class Lab:
     run: Run
     say: Callable[[str], None] = print  # one-line events for the user
     on_progress: Callable[[str], None] | None = None  # train.py's output lines
+    on_finished: Callable[["Experiment"], None] | None = None  # each experiment once it has its verdict
     worker: str = "local"
     _code_lines: dict[str, int] = field(default_factory=dict)
 

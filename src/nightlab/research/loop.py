@@ -138,6 +138,8 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
         if prepared.proposal is not None:
             previous = (prepared.proposal, exp)
         done.append(exp)
+        if lab.on_finished:
+            lab.on_finished(exp)
         if pending is not None and not more():
             pending = None
     if previous:
