@@ -17,15 +17,34 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import nightlab.research.git as real_git
 from nightlab.config import Config
 from nightlab.paths import state_dir
-from nightlab.research import git, history, policy
+from nightlab.research import history, policy
 from nightlab.research.agents.base import Context, Proposal
 from nightlab.research.runner import TrialResult, group_alive, run_trial, stop_group
-from nightlab.research.store import Experiment, Run, Store, now
+from nightlab.research.store import FINISHED, Experiment, Run, Store, now
 
 TRAIN_WORKTREE = "train"
+REAPPLY_WORKTREE = "reapply"
+Trainer = Callable[..., TrialResult]  # ``runner.run_trial``'s signature
+
+
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's word on a winning diff: a veto keeps it from becoming the best."""
+
+    approve: bool
+    reason: str
+    reviewer: str = "reviewer"
+
+    def text(self) -> str:
+        return f"{'approve' if self.approve else 'veto'} by {self.reviewer}: {self.reason}"
+
+
+Reviewer = Callable[["Lab", Experiment, Experiment], Review]  # (lab, the winner, the best it beat)
 
 
 @dataclass
@@ -41,7 +60,12 @@ class Lab:
     on_progress: Callable[[str], None] | None = None  # train.py's output lines
     on_finished: Callable[["Experiment"], None] | None = None  # each experiment once it has its verdict
     worker: str = "local"
+    trainer: Trainer = run_trial  # the runner seam: executors and the simulator plug in here
+    git: Any = real_git  # code history: the ``git`` module, or ``simulate.MemoryGit`` (same functions)
+    reviewer: Reviewer | None = None  # reads a winning diff before it becomes the best; None: no review
     _code_lines: dict[str, int] = field(default_factory=dict)
+    _noise: policy.NoiseMeter | None = None
+    _measured: set[int] = field(default_factory=set)  # experiments the noise meter has counted
 
     @property
     def runs_dir(self) -> Path:
@@ -51,60 +75,81 @@ class Lab:
         return self.store.experiments(self.run.tag)
 
     def best(self) -> Experiment | None:
-        kept = [e for e in self.experiments() if e.status == "keep"]
-        return kept[-1] if kept else None
+        kept = self.store.select(self.run.tag, statuses=("keep",), limit=1, newest_first=True)
+        return kept[0] if kept else None
 
     def best_commit(self) -> str:
         best = self.best()
         return best.commit_sha if best and best.commit_sha else self.run.base_commit
 
     def noise(self) -> float:
-        groups = [self.store.values(e.id) for e in self.experiments() if e.finished]
-        return policy.noise_width(groups, self.config.run.noise_floor)
+        """Pooled run-to-run noise of the finished experiments' reruns (kept up to date, not re-read)."""
+        if self._noise is None:
+            self._noise = policy.NoiseMeter(self.config.run.noise_floor)
+            for e in self.store.select(self.run.tag, statuses=FINISHED):
+                self.count_noise(e)
+        return self._noise.width
+
+    def count_noise(self, exp: Experiment) -> None:
+        """Add a finished experiment's measurements to the noise estimate (once)."""
+        if self._noise is not None and exp.id not in self._measured:
+            self._measured.add(exp.id)
+            self._noise.add(self.store.values(exp.id))
 
     def code_lines(self, commit: str) -> int:
         if commit not in self._code_lines:
-            self._code_lines[commit] = git.code_lines(self.dir, commit, self.config.lab.allowed_files)
+            self._code_lines[commit] = self.git.code_lines(self.dir, commit, self.config.lab.allowed_files)
         return self._code_lines[commit]
 
 
 # -- proposals become experiments -------------------------------------------------------------
 
 
-def context(lab: Lab) -> Context:
-    """What the next proposer sees: program.md, the best code, the history, notes and the last error."""
+def context(lab: Lab, program: str | None = None, agent: str | None = None, claim: str = "",
+            history_chars: int = history.MAX_CHARS) -> Context:
+    """What the next proposer sees: its brief (program.md unless given), the best code, the history,
+    the notes board, the agenda item it claimed and the last error (of ``agent``'s own experiments
+    when named)."""
     best = lab.best()
     commit = lab.best_commit()
-    source = {name: git.read_file(lab.dir, commit, name) or "" for name in lab.config.lab.allowed_files}
-    done = [e for e in lab.experiments() if e.finished]
-    last = done[-1] if done else None
+    source = {name: lab.git.read_file(lab.dir, commit, name) or "" for name in lab.config.lab.allowed_files}
+    done = lab.store.select(lab.run.tag, statuses=FINISHED, agent=agent, limit=1, newest_first=True)
+    last = done[0] if done else None
     last_error = ""
     if last is not None and last.status in ("crash", "timeout", "invalid"):
         last_error = f"experiment #{last.id} ({last.description}) was {last.status}: {last.reason}"
         if last.error:
             last_error += f"\n{last.error}"
+    elif last is not None and last.status == "discard" and last.review.startswith("veto"):
+        last_error = f"experiment #{last.id} ({last.description}) was vetoed by review: {last.reason}"
+    elif last is not None and last.status == "discard" and last.reason.startswith(CONFLICT):
+        last_error = f"experiment #{last.id} ({last.description}): {last.reason}"
     noise = lab.noise() if best else None
     return Context(
-        program=_read(lab.dir / "program.md"),
+        program=_read(lab.dir / "program.md") if program is None else program,
         best_source=source,
-        history=history.render(lab.experiments(), noise),
+        history=history.digest(lab.store, lab.run.tag, noise, max_chars=history_chars),
         notes=_notes(lab.dir / "notes"),
         last_error=last_error,
         best_val_bpb=best.val_bpb if best else None,
         noise=noise,
         allowed_files=lab.config.lab.allowed_files,
+        claim=claim,
     )
 
 
-def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kind: str = "experiment") -> Experiment:
+def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kind: str = "experiment",
+          **extra: Any) -> Experiment:
     """Check the edit in ``work`` (a checkout of ``parent``), commit it and record the experiment.
 
     An edit outside the allowed files, or no edit at all, is recorded as ``invalid`` with no
     commit and the worktree is reverted; the reason reaches the next proposer as its last error.
+    ``extra`` are more columns of the row (``claim``, ``origin_id``).
     """
+    git = lab.git
     common = dict(kind=kind, worker=lab.worker, agent=agent, parent_commit=parent,
                   description=proposal.description.strip() or "(no description)", rationale=proposal.rationale,
-                  cost_usd=proposal.cost_usd, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out)
+                  cost_usd=proposal.cost_usd, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out, **extra)
     changed = git.changed_files(work)
     refused = git.disallowed(changed, lab.config.lab.allowed_files)
     if refused or not changed:
@@ -130,13 +175,14 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
     return exp
 
 
-def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Proposal | None = None) -> Experiment:
+def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Proposal | None = None,
+                     **extra: Any) -> Experiment:
     """Record an agent that failed to propose (bad reply, timeout, error): ``invalid``, the loop goes on."""
     spent = spent or Proposal("(agent failed)")
     exp = lab.store.add_experiment(lab.run.tag, kind="experiment", worker=lab.worker, agent=agent,
                                    parent_commit=parent, description=spent.description, status="invalid",
                                    stage="done", reason=reason, cost_usd=spent.cost_usd, tokens_in=spent.tokens_in,
-                                   tokens_out=spent.tokens_out, finished_at=now())
+                                   tokens_out=spent.tokens_out, finished_at=now(), **extra)
     lab.say(f"#{exp.id} invalid: {reason}")
     return exp
 
@@ -146,7 +192,7 @@ def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Prop
 
 def measure_baseline(lab: Lab) -> Experiment:
     """The run's first best: the base commit measured with ``baseline_runs`` seeds (once per run)."""
-    rows = [e for e in lab.experiments() if e.kind == "baseline"]
+    rows = lab.store.select(lab.run.tag, kind="baseline", limit=1)
     exp = rows[0] if rows else lab.store.add_experiment(
         lab.run.tag, kind="baseline", worker=lab.worker, agent="", parent_commit=lab.run.base_commit,
         commit_sha=lab.run.base_commit, description="baseline", code_lines=lab.code_lines(lab.run.base_commit),
@@ -154,14 +200,14 @@ def measure_baseline(lab: Lab) -> Experiment:
     )
     if exp.finished:
         return exp
-    git.set_ref(lab.dir, git.experiment_ref(exp.id), lab.run.base_commit)
+    lab.git.set_ref(lab.dir, lab.git.experiment_ref(exp.id), lab.run.base_commit)
     runs = 1 if lab.config.run.policy == "greedy" else lab.config.run.baseline_runs
     failures: list[TrialResult] = []
     for k in range(runs):
         seed = lab.config.lab.seed + k
         if any(m.seed == seed for m in lab.store.measurements(exp.id)):
             continue
-        result = _trial(lab, exp, seed, "baseline", k)
+        result = run(lab, exp, Trial(exp.id, lab.run.base_commit, seed, "baseline", k))
         if result.status != "ok":
             failures.append(result)
     values = lab.store.values(exp.id)
@@ -171,8 +217,10 @@ def measure_baseline(lab: Lab) -> Experiment:
                          error=why.error if why else "", finished_at=now())
         raise BaselineError(f"the baseline train.py failed ({why.reason if why else 'no result'}); fix train.py at "
                             f"{lab.run.base_commit[:10]} and run again (log: {lab.runs_dir / str(exp.id)})")
-    exp = lab.store.update(exp.id, status="keep", stage="done", val_bpb=policy.mean(values), noise=lab.noise(),
+    exp = lab.store.update(exp.id, status="keep", stage="done", val_bpb=policy.mean(values),
                            reason=f"baseline over {len(values)} seed(s)", finished_at=now())
+    lab.count_noise(exp)
+    exp = lab.store.update(exp.id, noise=lab.noise())
     lab.say(f"#{exp.id} baseline: val_bpb {exp.val_bpb:.6f} over {len(values)} seed(s), noise {lab.noise():.6f}")
     return exp
 
@@ -181,47 +229,69 @@ class BaselineError(RuntimeError):
     """The run's starting train.py does not train: there is nothing to compare experiments against."""
 
 
+@dataclass(frozen=True)
+class Trial:
+    """One training and evaluation of an experiment's commit with one seed."""
+
+    exp_id: int
+    commit: str
+    seed: int
+    kind: str  # first | confirm | baseline
+    k: int  # the experiment's k-th trial: 0 runs in its run folder, later ones in <kind>-<seed>/
+
+
 def execute(lab: Lab, exp: Experiment) -> Experiment:
-    """Measure ``exp`` and judge it against the current best, running only trials not yet recorded."""
-    best = lab.best()
-    assert best is not None and exp.commit_sha, "measure the baseline first; a refused edit is never executed"
+    """Measure ``exp`` and judge it, running only trials not yet recorded."""
+    while (trial := next_trial(lab, exp)) is not None:
+        run(lab, exp, trial)
+    return conclude(lab, exp)
+
+
+def next_trial(lab: Lab, exp: Experiment) -> Trial | None:
+    """The trial ``exp`` needs next, or None when it is measured (or failed) and ready for ``conclude``."""
+    assert exp.commit_sha, "a refused edit is never executed"
+    reference = _reference(lab, exp)
     seeds = [lab.config.lab.seed + k for k in range(1 + lab.config.run.confirm_runs)]
-    while True:
-        recorded = lab.store.measurements(exp.id)
-        failed = [m for m in recorded if m.status != "ok"]
-        if failed:
-            return _finish_failed(lab, exp, failed[-1].status)
-        if len(recorded) >= len(seeds):
-            verdict = _judge(lab, exp, best)
-            break
-        if recorded:
-            verdict = _judge(lab, exp, best)
-            if verdict.decision != "confirm":
-                break
-        k = len(recorded)
-        _trial(lab, exp, seeds[k], "first" if k == 0 else "confirm", k)
-    return _finish_judged(lab, exp, best, verdict)
+    recorded = lab.store.measurements(exp.id)
+    if any(m.status != "ok" for m in recorded) or len(recorded) >= len(seeds):
+        return None
+    if recorded and _judge(lab, exp, reference).decision != "confirm":
+        return None
+    k = len(recorded)
+    return Trial(exp.id, exp.commit_sha, seeds[k], "first" if k == 0 else "confirm", k)
 
 
-def _judge(lab: Lab, exp: Experiment, best: Experiment) -> policy.Verdict:
-    lines_delta = (exp.code_lines or 0) - (best.code_lines or 0)
-    return policy.judge(lab.store.values(exp.id), lab.store.values(best.id), lab.noise(), lab.config.run, lines_delta)
+def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
+    """Run one trial with ``lab.trainer`` in the ``train`` worktree and record it."""
+    work, run_dir = start_trial(lab, exp, trial, TRAIN_WORKTREE)
+    result = lab.trainer(work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=lab.on_progress,
+                         on_stage=lambda stage, pgid: lab.store.update(exp.id, stage=stage, pgid=pgid))
+    record_trial(lab, exp, trial, result)
+    return result
 
 
-def _trial(lab: Lab, exp: Experiment, seed: int, kind: str, k: int) -> TrialResult:
-    run_dir = lab.runs_dir / str(exp.id)
-    if k:
-        run_dir = run_dir / f"{kind}-{seed}"
+def trial_dir(lab: Lab, trial: Trial) -> Path:
+    run_dir = lab.runs_dir / str(trial.exp_id)
+    return run_dir / f"{trial.kind}-{trial.seed}" if trial.k else run_dir
+
+
+def start_trial(lab: Lab, exp: Experiment, trial: Trial, worktree: str) -> tuple[Path, Path]:
+    """Record that ``trial`` starts, clear its run folder and check its commit out in ``worktree``."""
+    run_dir = trial_dir(lab, trial)
     if run_dir.exists():  # a trial interrupted by a kill: start it over in a clean folder
-        shutil.rmtree(run_dir) if k else _clear_files(run_dir)
+        shutil.rmtree(run_dir) if trial.k else _clear_files(run_dir)
     lab.store.update(exp.id, status="running", stage="train", started_at=exp.started_at or now())
-    work = git.worktree(lab.dir, TRAIN_WORKTREE, exp.commit_sha or lab.run.base_commit)
-    label = f"#{exp.id}" + (f" seed {seed}" if k else "")
+    work = lab.git.worktree(lab.dir, worktree, trial.commit)
+    label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
     lab.say(f"{label} training: {exp.description}")
-    result = run_trial(work, run_dir, lab.config, seed, data_dir=lab.data_dir, on_progress=lab.on_progress,
-                       on_stage=lambda stage, pgid: lab.store.update(exp.id, stage=stage, pgid=pgid))
-    lab.store.add_measurement(exp.id, seed, kind, result.status, result.val_bpb, run_dir, result.reason)
-    if k == 0:
+    return work, run_dir
+
+
+def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -> None:
+    """Store the outcome of ``trial`` (and, for the first, the run's numbers)."""
+    lab.store.add_measurement(exp.id, trial.seed, trial.kind, result.status, result.val_bpb, trial_dir(lab, trial),
+                              result.reason)
+    if trial.k == 0:
         s = result.summary
         lab.store.update(exp.id, stage="judge", pgid=None, training_seconds=s.get("training_seconds", result.train_s),
                          total_seconds=result.total_s, total_tokens=s.get("total_tokens"), num_steps=s.get("num_steps"),
@@ -230,28 +300,87 @@ def _trial(lab: Lab, exp: Experiment, seed: int, kind: str, k: int) -> TrialResu
                          reason=result.reason)
     elif result.status != "ok":
         lab.store.update(exp.id, stage="judge", pgid=None, error=result.error,
-                         reason=f"seed {seed}: {result.reason}")
+                         reason=f"seed {trial.seed}: {result.reason}")
     else:
         lab.store.update(exp.id, stage="judge", pgid=None)
     if result.status == "ok":  # a failure is told once, with the experiment's verdict
+        label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
         lab.say(f"{label} ok: val_bpb {result.val_bpb:.6f} ({result.total_s:.1f} s)")
-    return result
 
 
-def _finish_failed(lab: Lab, exp: Experiment, status: str) -> Experiment:
-    exp = lab.store.update(exp.id, status=status, stage="done", finished_at=now())
-    lab.say(f"#{exp.id} {status}: {exp.reason}")
+def conclude(lab: Lab, exp: Experiment) -> Experiment:
+    """The verdict on a measured experiment, recorded; a stale win is re-applied on the best (``reapply``)."""
+    exp = lab.store.get(exp.id)
+    recorded = lab.store.measurements(exp.id)
+    failed = [m for m in recorded if m.status != "ok"]
+    if failed:
+        return _finish(lab, exp, failed[-1].status, exp.reason)
+    reference = _reference(lab, exp)
+    verdict = _judge(lab, exp, reference)
+    if verdict.decision == "keep" and exp.commit_sha and exp.parent_commit != lab.best_commit():
+        return reapply(lab, exp, verdict)
+    review = ""
+    if verdict.decision == "keep" and lab.reviewer is not None:
+        judged = lab.store.update(exp.id, val_bpb=policy.mean(lab.store.values(exp.id)))
+        said = lab.reviewer(lab, judged, reference)
+        review = said.text()
+        if not said.approve:
+            verdict = policy.Verdict("discard", f"vetoed by {said.reviewer}: {said.reason} (measured: {verdict.reason})")
+    exp = _finish(lab, exp, verdict.decision, verdict.reason, review=review)
+    if exp.status == "keep":
+        _save_best(lab, exp)
+        lab.git.set_branch(lab.dir, lab.run.branch, exp.commit_sha or "")
     return exp
 
 
-def _finish_judged(lab: Lab, exp: Experiment, best: Experiment, verdict: policy.Verdict) -> Experiment:
-    values = lab.store.values(exp.id)
-    exp = lab.store.update(exp.id, status=verdict.decision, stage="done", val_bpb=policy.mean(values),
-                           noise=lab.noise(), reason=verdict.reason, error="", finished_at=now())
-    if exp.status == "keep":
-        _save_best(lab, exp)
-        git.set_branch(lab.dir, lab.run.branch, exp.commit_sha or "")
-    lab.say(f"#{exp.id} {exp.status}: {verdict.reason}")
+CONFLICT = "conflict:"  # reason of a stale win that no longer applies on the best: back to its author
+
+
+def reapply(lab: Lab, exp: Experiment, verdict: policy.Verdict) -> Experiment:
+    """``exp`` beat the best it was built on, but the best has moved: its change goes on top of the
+    current best as a new queued experiment (``origin_id``), and ``exp`` is discarded saying so. A
+    change that no longer applies is discarded with a ``conflict:`` reason its author is shown."""
+    best = lab.best()
+    assert best is not None and exp.commit_sha and exp.parent_commit
+    work = lab.git.worktree(lab.dir, REAPPLY_WORKTREE, exp.commit_sha)
+    if not lab.git.reapply(work, exp.parent_commit, exp.commit_sha, best.commit_sha or lab.run.base_commit):
+        reason = (f"{CONFLICT} beat its parent ({verdict.reason}) but does not apply on the new best #{best.id} "
+                  f"({best.description}); propose it again on top of the best")
+        return _finish(lab, exp, "discard", reason)
+    again = admit(lab, work, best.commit_sha or lab.run.base_commit,
+                  Proposal(exp.description, f"re-applied from #{exp.id} on top of #{best.id}", 0.0, 0, 0),
+                  exp.agent, origin_id=exp.id, claim=exp.claim)
+    if again.commit_sha is None:  # the best already holds this change
+        return _finish(lab, exp, "discard", f"beat its parent, but the new best #{best.id} already holds the change")
+    return _finish(lab, exp, "discard", f"superseded: beat its parent ({verdict.reason}); the best moved to "
+                                        f"#{best.id}, so it is measured again on top of it as #{again.id}")
+
+
+def _reference(lab: Lab, exp: Experiment) -> Experiment:
+    """The kept experiment ``exp`` was built on (its parent commit), else the current best."""
+    if exp.parent_commit:
+        rows = lab.store.select(lab.run.tag, statuses=("keep",), commit=exp.parent_commit, limit=1, newest_first=True)
+        if rows:
+            return rows[0]
+    best = lab.best()
+    assert best is not None, "measure the baseline first"
+    return best
+
+
+def _judge(lab: Lab, exp: Experiment, reference: Experiment) -> policy.Verdict:
+    lines_delta = (exp.code_lines or 0) - (reference.code_lines or 0)
+    return policy.judge(lab.store.values(exp.id), lab.store.values(reference.id), lab.noise(), lab.config.run,
+                        lines_delta)
+
+
+def _finish(lab: Lab, exp: Experiment, status: str, reason: str, review: str = "") -> Experiment:
+    judged = status in ("keep", "discard")
+    exp = lab.store.update(exp.id, status=status, stage="done", pgid=None, reason=reason, review=review,
+                           finished_at=now(), **({"error": ""} if judged else {}))
+    lab.count_noise(exp)
+    if judged:
+        exp = lab.store.update(exp.id, val_bpb=policy.mean(lab.store.values(exp.id)), noise=lab.noise())
+    lab.say(f"#{exp.id} {exp.status}: {exp.reason}")
     return exp
 
 
@@ -266,7 +395,7 @@ def _save_best(lab: Lab, exp: Experiment) -> None:
         if (source / name).exists():
             shutil.copy2(source / name, tmp / name)
     for name in lab.config.lab.allowed_files:
-        text = git.read_file(lab.dir, exp.commit_sha or "", name)
+        text = lab.git.read_file(lab.dir, exp.commit_sha or "", name)
         if text is not None:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text + "\n")
@@ -295,14 +424,14 @@ def recover(lab: Lab) -> list[Experiment]:
             lab.say(f"#{exp.id}: stopping the trial left running by the previous process (group {exp.pgid})")
             stop_group(exp.pgid)
         if exp.commit_sha:
-            git.set_ref(lab.dir, git.experiment_ref(exp.id), exp.commit_sha)
+            lab.git.set_ref(lab.dir, lab.git.experiment_ref(exp.id), exp.commit_sha)
         exp = lab.store.update(exp.id, status="queued" if exp.kind != "baseline" else exp.status, pgid=None)
         unfinished.append(exp)
-    tip = git.resolve(lab.dir, f"refs/heads/{lab.run.branch}")
-    checked_out = git.current_branch(lab.dir) == lab.run.branch  # `nightlab experiment` runs: the user's branch
+    tip = lab.git.resolve(lab.dir, f"refs/heads/{lab.run.branch}")
+    checked_out = lab.git.current_branch(lab.dir) == lab.run.branch  # `nightlab experiment` runs: the user's branch
     if tip != lab.best_commit() and not checked_out:
         lab.say(f"branch {lab.run.branch}: moved to the last kept commit {lab.best_commit()[:10]}")
-        git.set_branch(lab.dir, lab.run.branch, lab.best_commit())
+        lab.git.set_branch(lab.dir, lab.run.branch, lab.best_commit())
     return [e for e in unfinished if e.kind != "baseline"]
 
 

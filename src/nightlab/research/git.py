@@ -140,10 +140,10 @@ def diff(repo: Path, parent: str, commit: str) -> str:
 
 
 def read_file(repo: Path, commit: str, path: str) -> str | None:
-    try:
-        return git(repo, "show", f"{commit}:{path}")
-    except GitError:
-        return None
+    """The file's exact text at ``commit`` (trailing newlines kept), or None where it is absent."""
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    return done.stdout if done.returncode == 0 else None
 
 
 def code_lines(repo: Path, commit: str, files: tuple[str, ...]) -> int:
@@ -167,6 +167,14 @@ def move_changes(work: Path, onto: str) -> bool:
             worktree_reset(work, onto)
             return False
     return True
+
+
+def reapply(work: Path, parent: str, commit: str, onto: str) -> bool:
+    """Leave the change ``parent..commit`` in ``work`` as uncommitted edits on top of ``onto``;
+    False (and ``work`` clean at ``onto``) when it does not apply there."""
+    worktree_reset(work, commit)
+    git(work, "reset", "--quiet", parent)
+    return move_changes(work, onto)
 
 
 def worktree_reset(work: Path, commit: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from nightlab.research.store import Experiment
+from nightlab.research.store import FINISHED, Experiment, Store
 
 MAX_CHARS = 6000  # about 1,500 tokens
 DESCRIPTION_CHARS = 100
@@ -60,3 +60,71 @@ def render(experiments: Sequence[Experiment], noise: float | None = None, max_ch
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+RECENT = 200  # newest experiments read for the recent list (older ones are only counted)
+NEAR_MISSES = 5
+FAILED_IDEAS = 6
+
+
+def digest(store: Store, run_tag: str, noise: float | None = None, max_chars: int = MAX_CHARS) -> str:
+    """What every agent of a run is shown, within ``max_chars`` (about 4 characters a token).
+
+    In order of priority: the path to the best (every keep, with its gain), near misses (discarded
+    but closest to the best), failed ideas (crashes, timeouts, refusals, with why), then the newest
+    experiments that fit; what does not fit is counted by status. Reads only what it shows, so it
+    stays fast on a night of thousands of experiments.
+    """
+    counts = store.status_counts(run_tag)
+    total = sum(n for status, n in counts.items() if status in FINISHED)
+    if not total:
+        return "No experiments yet."
+    kept = store.select(run_tag, statuses=("keep",))
+    best = kept[-1] if kept else None
+    best_val = best.val_bpb if best else None
+    header = f"{total} experiments (val_bpb, lower is better; delta against the current best)"
+    if best is not None and best.val_bpb is not None:
+        header += f"; best {best.val_bpb:.6f} at #{best.id}"
+    if noise is not None:
+        header += f"; run-to-run noise about {noise:.6f}"
+    budget = max_chars - len(header) - 2
+    shown: dict[int, str] = {}  # id -> status
+    out = [header + ":"]
+
+    def section(title: str, rows: Sequence[Experiment], newest_kept: bool = False) -> None:
+        nonlocal budget
+        rows = [e for e in rows if e.id not in shown]
+        picked: list[Experiment] = []
+        cost = len(title) + 2
+        for e in (reversed(rows) if newest_kept else rows):
+            size = len(line(e, best_val)) + 1
+            if cost + size > budget:
+                break
+            picked.append(e)
+            cost += size
+        if not picked:
+            return
+        picked.sort(key=lambda e: e.id)
+        budget -= cost
+        shown.update((e.id, e.status) for e in picked)
+        out.append(title)
+        out.extend(line(e, best_val) for e in picked)
+
+    path = "Path to the best (every keep, oldest first)" + (
+        "" if len(kept) * 60 < budget else "; the oldest keeps that do not fit are left out") + ":"
+    section(path, kept, newest_kept=True)
+    misses = [e for e in store.select(run_tag, statuses=("discard",), by_val_bpb=True, limit=NEAR_MISSES * 3)
+              if e.origin_id is None][:NEAR_MISSES]
+    section("Near misses (discarded, closest to the best):", misses)
+    failed = store.select(run_tag, statuses=("crash", "timeout", "invalid"), limit=FAILED_IDEAS, newest_first=True)
+    section("Failed ideas (newest last):", failed[::-1])
+    recent = [e for e in store.select(run_tag, statuses=FINISHED, limit=RECENT, newest_first=True)][::-1]
+    budget -= 80  # room for the line counting what is not shown
+    section("Recent experiments (newest last):", recent, newest_kept=True)
+    seen = Counter(shown.values())
+    hidden = {status: counts.get(status, 0) - seen.get(status, 0) for status in FINISHED}
+    hidden = {s: n for s, n in hidden.items() if n > 0}
+    if hidden:
+        text = ", ".join(f"{n} {status}" for status, n in sorted(hidden.items()))
+        out.insert(1, f"({sum(hidden.values())} experiments not shown: {text})")
+    return "\n".join(out)

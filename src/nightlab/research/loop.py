@@ -37,10 +37,12 @@ class Prepared:
     spent: Proposal | None = None  # what a failed attempt cost
 
 
-def prepare(lab_dir: Path, proposer: Proposer, ctx: Context, parent: str) -> Prepared:
-    """Ask the proposer for an edit of ``parent``; any exception becomes the error (the loop goes on)."""
+def prepare(lab_dir: Path, proposer: Proposer, ctx: Context, parent: str, worktree: str = PROPOSE_WORKTREE,
+            vcs=git) -> Prepared:
+    """Ask the proposer for an edit of ``parent`` in ``worktree``; any exception becomes the error
+    (the loop goes on). ``vcs``: the lab's code history (``Lab.git``)."""
     try:
-        work = git.worktree(lab_dir, PROPOSE_WORKTREE, parent)
+        work = vcs.worktree(lab_dir, worktree, parent)
         return Prepared(parent, proposer.propose(ctx, work))
     except ProposalError as e:
         spent = Proposal("(agent failed)", cost_usd=e.cost_usd, tokens_in=e.tokens_in, tokens_out=e.tokens_out)
@@ -63,29 +65,30 @@ def in_background(fn, *args) -> Future:
     return future
 
 
-def start_run(lab_dir: Path, store: Store, config: Config, agent: str, tag: str, resume: bool) -> Run:
-    """The run to work on: the named or latest one with ``resume``, else a new branch from HEAD."""
+def start_run(lab_dir: Path, store: Store, config: Config, agent: str, tag: str, resume: bool, vcs=git) -> Run:
+    """The run to work on: the named or latest one with ``resume``, else a new branch from HEAD
+    (``vcs``: the lab's code history, ``Lab.git``)."""
     if resume:
         runs = [r for r in store.runs() if not tag or r.tag == tag]
         if not runs:
             raise LookupError(f"no run {'named ' + repr(tag) + ' ' if tag else ''}to resume in {lab_dir}; "
                               "start one with `nightlab run`")
         return runs[-1]
-    tag = tag or _free_tag(lab_dir, store, date.today().isoformat())
-    branch = git.branch_name(tag)
-    if store.run(tag) or git.resolve(lab_dir, f"refs/heads/{branch}"):
+    tag = tag or _free_tag(lab_dir, store, date.today().isoformat(), vcs)
+    branch = vcs.branch_name(tag)
+    if store.run(tag) or vcs.resolve(lab_dir, f"refs/heads/{branch}"):
         raise LookupError(f"run {tag!r} exists already; continue it with `nightlab run --resume --tag {tag}` "
                           "or choose another --tag")
-    base = git.resolve(lab_dir, "HEAD")
+    base = vcs.resolve(lab_dir, "HEAD")
     if base is None:
         raise LookupError(f"{lab_dir} has no commit yet; commit train.py first")
-    git.set_branch(lab_dir, branch, base)
+    vcs.set_branch(lab_dir, branch, base)
     return store.add_run(tag, branch, base, agent, dumps(config))
 
 
-def _free_tag(lab_dir: Path, store: Store, base: str) -> str:
+def _free_tag(lab_dir: Path, store: Store, base: str, vcs=git) -> str:
     tag, n = base, 1
-    while store.run(tag) or git.resolve(lab_dir, f"refs/heads/{git.branch_name(tag)}"):
+    while store.run(tag) or vcs.resolve(lab_dir, f"refs/heads/{vcs.branch_name(tag)}"):
         n += 1
         tag = f"{base}-{n}"
     return tag
@@ -103,13 +106,16 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     done: list[Experiment] = []
 
     def counted() -> int:
-        return sum(1 for e in lab.experiments() if e.kind == "experiment")
+        return sum(lab.store.status_counts(lab.run.tag, kind="experiment").values())
 
     def more() -> bool:
         limit = max_experiments and counted() >= max_experiments
         return not (stop.is_set() or limit or time.monotonic() >= deadline)
 
-    pending = in_background(prepare, lab.dir, proposer, context(lab), lab.best_commit()) if more() else None
+    def ask(parent: str) -> Future:
+        return in_background(prepare, lab.dir, proposer, context(lab), parent, PROPOSE_WORKTREE, lab.git)
+
+    pending = ask(lab.best_commit()) if more() else None
     previous: tuple[Proposal, Experiment] | None = None
     failures = 0
     while pending is not None:
@@ -125,14 +131,14 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
             exp = invalid_proposal(lab, prepared.parent, proposer.name, prepared.error, prepared.spent)
             failures += 1
             stop.wait(min(MAX_BACKOFF_S, 2.0 ** (failures - 1)) if failures > 1 else 0)
-        elif prepared.parent != best and not git.move_changes(work, best):
+        elif prepared.parent != best and not lab.git.move_changes(work, best):
             lab.say("the prepared proposal conflicts with the new best; asking again")
-            pending = in_background(prepare, lab.dir, proposer, context(lab), best)
+            pending = ask(best)
             continue
         else:
             failures = 0
             exp = _guarded(lab, None, admit, lab, work, best, prepared.proposal, proposer.name)
-        pending = in_background(prepare, lab.dir, proposer, context(lab), best) if more() else None
+        pending = ask(best) if more() else None
         if exp.commit_sha and not exp.finished:
             exp = _guarded(lab, exp, execute, lab, exp)
         if prepared.proposal is not None:

@@ -72,6 +72,14 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
+    # 2: the org: a reviewer's verdict, the experiment a change was re-applied from, the agenda item claimed
+    """
+    ALTER TABLE experiments ADD COLUMN review TEXT NOT NULL DEFAULT '';   -- reviewer: approve/veto and why
+    ALTER TABLE experiments ADD COLUMN origin_id INTEGER;                  -- re-applied from this experiment
+    ALTER TABLE experiments ADD COLUMN claim TEXT NOT NULL DEFAULT '';    -- the agenda item it worked on
+    CREATE INDEX experiments_commit ON experiments (run_tag, commit_sha);
+    CREATE INDEX experiments_status ON experiments (run_tag, status, id);
+    """,
 )
 
 

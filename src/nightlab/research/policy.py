@@ -35,14 +35,30 @@ def noise_width(groups: Sequence[Sequence[float]], floor: float) -> float:
     Each group is one experiment's measurements (different seeds, same commit); groups of one
     carry no information about noise. Never below ``floor``.
     """
-    squares, dof = 0.0, 0
+    meter = NoiseMeter(floor)
     for group in groups:
+        meter.add(group)
+    return meter.width
+
+
+@dataclass
+class NoiseMeter:
+    """``noise_width`` kept up to date one group at a time (a long night has thousands of groups)."""
+
+    floor: float
+    squares: float = 0.0
+    dof: int = 0
+
+    def add(self, group: Sequence[float]) -> None:
         if len(group) > 1:
             m = mean(group)
-            squares += sum((v - m) ** 2 for v in group)
-            dof += len(group) - 1
-    measured = math.sqrt(squares / dof) if dof else 0.0
-    return max(measured, floor)
+            self.squares += sum((v - m) ** 2 for v in group)
+            self.dof += len(group) - 1
+
+    @property
+    def width(self) -> float:
+        measured = math.sqrt(self.squares / self.dof) if self.dof else 0.0
+        return max(measured, self.floor)
 
 
 def judge(

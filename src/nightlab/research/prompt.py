@@ -39,6 +39,8 @@ def build_prompt(context: Context, instructions: str) -> Prompt:
     ]
     if context.notes.strip():
         sections.append(("Notes board", context.notes.strip()))
+    if context.claim.strip():
+        sections.append(("Your agenda item", f"{context.claim.strip()}\n\nWork on this item; no one else is."))
     if context.last_error.strip():
         sections.append(("The last experiment failed", _fenced(context.last_error.strip(), "text")))
     for name in context.allowed_files:

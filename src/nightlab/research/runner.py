@@ -89,18 +89,20 @@ def run_trial(
     data_dir: Path,
     on_progress: Callable[[str], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> TrialResult:
     """Train ``workdir/train.py`` into ``run_dir`` and evaluate it.
 
     ``on_progress`` gets each line train.py prints, as it prints it. ``on_stage(stage, pgid)`` is
     called when the ``train`` and ``eval`` processes start, so a caller can record the process
-    group and stop it after its own crash.
+    group and stop it after its own crash. ``env`` adds variables to both processes (a worker's
+    ``CUDA_VISIBLE_DEVICES``).
     """
     workdir, run_dir, data_dir = Path(workdir).resolve(), Path(run_dir).resolve(), Path(data_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.lab.device)
     preset = resolve_preset(config.lab.preset, device)
-    env = train_env(config, run_dir, data_dir, seed, device, preset)
+    env = {**train_env(config, run_dir, data_dir, seed, device, preset), **(env or {})}
     started = time.monotonic()
     common = dict(device=device, preset=preset)
 

@@ -62,6 +62,10 @@ class Experiment:
     created_at: str
     started_at: str | None
     finished_at: str | None
+    review: str = ""  # the reviewer's verdict on a winning diff: "approve: ..." or "veto: ..."
+    origin_id: int | None = None  # the experiment whose change this one re-applies on a newer best
+    claim: str = ""  # the agenda item the proposer worked on
+
 
     @property
     def finished(self) -> bool:
@@ -169,6 +173,32 @@ class Store:
         else:
             rows = self.conn.execute("SELECT * FROM experiments WHERE run_tag = ? ORDER BY id", (run_tag,))
         return [Experiment(**dict(r)) for r in rows]
+
+    def select(
+        self, run_tag: str, *, statuses: tuple[str, ...] = (), agent: str | None = None, commit: str | None = None,
+        kind: str | None = None, limit: int | None = None, newest_first: bool = False, by_val_bpb: bool = False,
+    ) -> list[Experiment]:
+        """Experiments of a run that match every given filter, by id or (``by_val_bpb``) lowest val_bpb first."""
+        where, args = ["run_tag = ?"], [run_tag]
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += statuses
+        for column, value in (("agent", agent), ("commit_sha", commit), ("kind", kind)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if by_val_bpb:
+            where.append("val_bpb IS NOT NULL")
+        order = "val_bpb, id" if by_val_bpb else f"id {'DESC' if newest_first else 'ASC'}"
+        sql = f"SELECT * FROM experiments WHERE {' AND '.join(where)} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Experiment(**dict(r)) for r in self.conn.execute(sql, args)]
+
+    def status_counts(self, run_tag: str, kind: str | None = None) -> dict[str, int]:
+        sql = "SELECT status, COUNT(*) FROM experiments WHERE run_tag = ?" + (" AND kind = ?" if kind else "")
+        rows = self.conn.execute(sql + " GROUP BY status", (run_tag, kind) if kind else (run_tag,))
+        return {status: n for status, n in rows}
 
     def _check_columns(self, values: dict[str, Any]) -> None:
         unknown = set(values) - _WRITABLE

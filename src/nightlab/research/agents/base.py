@@ -19,6 +19,7 @@ class Context:
     best_val_bpb: float | None = None
     noise: float | None = None  # the policy's current noise width (val_bpb)
     allowed_files: tuple[str, ...] = ("train.py",)
+    claim: str = ""  # the agenda item this proposer claimed (no other works on it meanwhile)
 
 
 @dataclass(frozen=True)
