@@ -52,7 +52,7 @@ def test_commit_stats_refs_and_branch(lab):
     git.set_ref(lab, git.experiment_ref(7), commit)
     git.set_branch(lab, git.branch_name("night"), commit)
     assert git.resolve(lab, "refs/nightlab/exp/7") == commit == git.resolve(lab, "nightlab/night")
-    assert git.read_file(lab, commit, "train.py") == "A = 3\n\n# comment"
+    assert git.read_file(lab, commit, "train.py") == "A = 3\n\n# comment\n"  # exact, final newline kept
     assert git.read_file(lab, commit, "absent.py") is None
     assert git.resolve(lab, "refs/nightlab/exp/8") is None
 
