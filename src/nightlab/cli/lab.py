@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a few experiments with the search agent on the tiny CPU model. Re-running continues the same lab.",
     )
     p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"), help="lab folder (default ./nightlab-demo)")
-    p.add_argument("--experiments", type=int, default=6, help="experiments after the baseline runs (default 6)")
+    p.add_argument("--experiments", type=int, default=4, help="experiments after the baseline runs (default 4)")
     p.add_argument("--budget", type=float, default=30, help="training seconds per experiment (default 30)")
     p.set_defaults(func=cmd_demo)
 
