@@ -35,6 +35,7 @@ class LabConfig:
     startup_allowance_s: float = 180.0  # hard cap = budget + this (startup, compilation, saving)
     eval_timeout_s: float = 600.0  # hard cap on the trusted evaluation
     eval_max_tokens: int = 0  # 0 = the whole validation split; set for quick CPU labs
+    eval_seq_len: int = 2048  # the evaluator's fixed context; CPU labs use 512 (their model trains on 256)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     preset: str = "auto"  # auto | gpu | cpu: which size train.py builds (auto: by device)
     seed: int = 0  # base seed; the policy draws fresh seeds for reruns

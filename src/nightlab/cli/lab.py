@@ -92,6 +92,13 @@ def find_lab(start: Path | None) -> Path:
                     "`nightlab init DIR`")
 
 
+def searched_constants(device: str | None) -> tuple[str, ...]:
+    """The template's constants worth a search by default (sizes only where they are not the CPU preset's)."""
+    rates = ("MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "SCALAR_LR", "WEIGHT_DECAY", "WARMDOWN_RATIO",
+             "FINAL_LR_FRAC", "MUON_MOMENTUM", "ADAM_BETA1", "X0_INIT", "ROPE_BASE", "LOGIT_CAP")
+    return rates if device == "cpu" else (*rates, "DEPTH", "TOTAL_BATCH_SIZE")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
 
@@ -105,6 +112,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         sets.append(f"lab.budget_s={args.budget}")
     if args.device:
         sets.append(f"lab.device={json.dumps(args.device)}")
+        if args.device == "cpu" and not any(s.startswith("lab.eval_seq_len") for s in sets):
+            sets.append("lab.eval_seq_len=512")  # the CPU model trains on 256-token rows
+    if not any(s.startswith("search.constants") for s in sets):
+        sets.append(f"search.constants={json.dumps(list(searched_constants(args.device)))}")
     conf = cfg.Config().with_overrides(sets)
     if shutil.which("git") is None:
         raise UserError("git is not installed: nightlab keeps every experiment as a git commit; install git")
@@ -210,6 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEMO_SETTINGS = (
     'lab.dataset="pycode:stdlib"',
     'lab.device="cpu"',
+    "lab.eval_seq_len=512",
     "run.baseline_runs=2",
     'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY"]',
 )

@@ -44,6 +44,7 @@ import torch
 
 # Taken now, before any train.py runs in this process: the loss is computed only through these.
 _log_softmax = torch.log_softmax
+_logsumexp = torch.logsumexp
 _gather = torch.gather
 _unsqueeze = torch.unsqueeze
 _squeeze = torch.squeeze
@@ -69,7 +70,8 @@ DEFAULT_SEQ_LEN = 2048
 PROBE_SEED = 1234  # fixed: the same windows and replacements every run
 PROBE_WINDOWS = 2  # random val windows the causality probe checks
 PROBE_TOLERANCE = 1e-3  # |Δ log-prob| allowed: this much absolute plus this much relative (fp32)
-LOGITS_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}  # fp32 logits per batch, for the default batch size
+LOGITS_BUDGET_BYTES = {"cpu": 16 << 20, "cuda": 4 << 30}  # fp32 logits per batch, for the default batch size
+# (on the CPU, tensors of 32 MB or more are fresh mmaps that fault in page by page on every batch: keep them small)
 
 
 class InvalidModel(Exception):
@@ -272,8 +274,8 @@ def logits_of(model: torch.nn.Module, idx: torch.Tensor, vocab_size: int) -> tor
 
 def target_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each target, fp32 ``[B, T]``."""
-    picked = _gather(_log_softmax(logits, -1), -1, _unsqueeze(targets, -1))
-    return _neg(_squeeze(picked, -1))
+    picked = _squeeze(_gather(logits, -1, _unsqueeze(targets, -1)), -1)
+    return _sub(_logsumexp(logits, -1), picked)  # -log_softmax at the target, without a [B, T, V] temporary
 
 
 # ---------------------------------------------------------------------------------------------

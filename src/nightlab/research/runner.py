@@ -134,7 +134,7 @@ def run_trial(
     command = [
         sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(workdir / "train.py"),
         "--weights", str(weights), "--data", str(data_dir), "--out", str(eval_out),
-        "--device", device, "--preset", preset,
+        "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len),
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]

@@ -322,11 +322,12 @@ def main():
     step_model = torch.compile(model) if ON_CUDA and COMPILE else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_CUDA else torch.autocast("cpu", enabled=False)
 
-    assert TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * SEQ_LEN) == 0, "TOTAL_BATCH_SIZE must be a multiple of a micro-batch"
-    accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * SEQ_LEN)
-    batches = iter(lab.train_loader(DEVICE_BATCH_SIZE, SEQ_LEN))
+    rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a smaller total batch shrinks the micro-batch
+    assert TOTAL_BATCH_SIZE % (rows * SEQ_LEN) == 0, "TOTAL_BATCH_SIZE must be a multiple of a micro-batch"
+    accum_steps = TOTAL_BATCH_SIZE // (rows * SEQ_LEN)
+    batches = iter(lab.train_loader(rows, SEQ_LEN))
     print(f"model: {num_params / 1e6:.1f}M params, depth {DEPTH}, width {MODEL_DIM}, {N_HEAD} heads | "
-          f"batch {TOTAL_BATCH_SIZE} tokens ({accum_steps} x {DEVICE_BATCH_SIZE} x {SEQ_LEN}) | "
+          f"batch {TOTAL_BATCH_SIZE} tokens ({accum_steps} x {rows} x {SEQ_LEN}) | "
           f"{lab.device}, preset {lab.preset}, budget {lab.budget_s:.0f}s, corpus {lab.corpus_hash}", flush=True)
 
     def train_step(progress, step):
