@@ -40,6 +40,7 @@ class LabConfig:
     preset: str = "auto"  # auto | gpu | cpu: which size train.py builds (auto: by device)
     seed: int = 0  # base seed; the policy draws fresh seeds for reruns
     allowed_files: tuple[str, ...] = ("train.py",)  # what agents may change
+    sandbox: str = "none"  # none | bwrap: train and evaluate under bubblewrap (see bench/RELIABILITY.md)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: lab.vocab_size must be between 260 and 65535, got {lab.vocab_size}")
     if lab.preset not in ("auto", "gpu", "cpu"):
         raise ConfigError(f"{source}: lab.preset must be auto, gpu or cpu, got {lab.preset!r}")
+    if lab.sandbox not in ("none", "bwrap"):
+        raise ConfigError(f"{source}: lab.sandbox must be none or bwrap, got {lab.sandbox!r}")
     if run.policy not in ("noise", "greedy"):
         raise ConfigError(f"{source}: run.policy must be noise or greedy, got {run.policy!r}")
     if run.baseline_runs < 1:

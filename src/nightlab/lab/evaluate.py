@@ -7,8 +7,12 @@ sequence length. The model only supplies logits; the evaluator computes the cros
 with references to torch functions taken when this module was imported, before ``train.py`` was,
 so a ``train.py`` that patches ``torch`` (a fused or smoothed ``cross_entropy``, say) cannot change
 its own score; the windows, targets and byte counts are all fixed before ``train.py`` is imported.
-This is not a sandbox: code that sets out to subvert the process is for the reviewer role and the
-allowed-files check to stop.
+The command line also checks, after scoring, that every function of this module is still the one
+it was before train.py was imported (a train.py that replaces ``score`` or ``check_causality``
+makes the run ``invalid``), and it ends with ``os._exit`` right after writing eval.json, so exit
+handlers and threads train.py registered never run after the verdict. This is not a sandbox:
+code that sets out to subvert the process in subtler ways is for the reviewer role, the
+allowed-files check and ``lab.sandbox`` to limit (``bench/RELIABILITY.md`` lists what is open).
 
 Before scoring, a causality probe changes the tokens after a position t (early, middle and late t)
 and checks that the log-probabilities at positions <= t stay put, and that a window's
@@ -185,7 +189,8 @@ def load_model(train_py: Path, weights: Path, device: str, *, data_dir: Path, pr
         raise FileNotFoundError(f"train.py not found: {train_py}")
     if not weights.is_file():
         raise FileNotFoundError(f"weights not found: {weights} (train.py saves them with lab.finish(model, summary))")
-    env = {"NIGHTLAB_DATA": str(data_dir), "NIGHTLAB_DEVICE": device}
+    # The runner hands train.py a view of the dataset without the validation split; so does build_model().
+    env = {"NIGHTLAB_DATA": os.environ.get("NIGHTLAB_DATA") or str(data_dir), "NIGHTLAB_DEVICE": device}
     if preset:
         env["NIGHTLAB_PRESET"] = preset
     with _train_py_context(train_py, env):
@@ -448,8 +453,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def own_functions() -> dict[str, tuple[Any, Any]]:
+    """This module's functions and their code objects, taken before train.py is imported."""
+    return {name: (fn, fn.__code__) for name, fn in list(globals().items())
+            if callable(fn) and getattr(fn, "__module__", None) == __name__ and hasattr(fn, "__code__")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    own = own_functions()
     result = evaluate(
         args.train_py,
         args.weights,
@@ -460,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         preset=args.preset,
     )
-    write_json_atomic(args.out, result)
+    replaced = sorted(name for name, (fn, code) in own.items() if globals().get(name) is not fn or fn.__code__ is not code)
+    if replaced:
+        result.update(status="invalid", val_bpb=None, val_loss_nats=None,
+                      reason=f"train.py replaced the evaluator's own functions ({', '.join(replaced)})")
+    own["write_json_atomic"][0](args.out, result)
     if result["status"] == "ok":
         print(f"val_bpb: {result['val_bpb']:.6f}")
         print(f"val_loss_nats: {result['val_loss_nats']:.6f}")
@@ -473,4 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no exit handler or thread of the imported train.py runs after the verdict

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import Config
+from nightlab.research import sandbox
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 TERM_GRACE_S = 10.0  # SIGTERM first; SIGKILL the group if it is still there after this
@@ -102,20 +103,26 @@ def run_trial(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.lab.device)
     preset = resolve_preset(config.lab.preset, device)
-    env = {**train_env(config, run_dir, data_dir, seed, device, preset), **(env or {})}
+    view = sandbox.train_view(data_dir, run_dir)  # training never gets the validation split
+    env = {**train_env(config, run_dir, view, seed, device, preset), **(env or {})}
     started = time.monotonic()
     common = dict(device=device, preset=preset)
 
     cap = config.lab.budget_s + config.lab.startup_allowance_s
     train_log = run_dir / "train.log"
+    command = [sys.executable, "train.py"]
+    if config.lab.sandbox == "bwrap":
+        command = sandbox.bwrap(command, cwd=workdir, writable=[workdir, run_dir], data_dir=data_dir)
     train = _run_group(
-        [sys.executable, "train.py"], workdir, env, train_log, cap,
+        command, workdir, env, train_log, cap,
         on_line=on_progress, on_start=lambda pid: on_stage and on_stage("train", pid),
     )
     summary = _read_json(run_dir / "summary.json")
     log_tail = _tail(train_log)
     base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
 
+    if escaped := sandbox.escaped(run_dir):
+        return _done(started, status="invalid", reason=_escaped_reason("train.py", escaped), error=log_tail, **base)
     if train.returncode is None:
         return _done(started, status="timeout", reason=f"training passed the hard cap of {cap:g} s and was stopped",
                      error=log_tail, **base)
@@ -138,12 +145,17 @@ def run_trial(
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
+    if config.lab.sandbox == "bwrap":
+        command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir])
     evaluation = _run_group(
         command, workdir, env, eval_log, config.lab.eval_timeout_s,
         on_start=lambda pid: on_stage and on_stage("eval", pid),
     )
     report = _read_json(eval_out)
     base.update(eval=report, eval_s=evaluation.seconds)
+    if escaped := sandbox.escaped(run_dir):
+        return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),
+                     error=_tail(eval_log), **base)
     return _done(started, **base, **_judge(evaluation, report, eval_log, config.lab.eval_timeout_s))
 
 
@@ -162,6 +174,10 @@ def _judge(evaluation: _Stage, report: dict[str, Any], eval_log: Path, timeout_s
     if _is_nan(val_bpb) or not isinstance(val_bpb, (int, float)):
         return dict(status="crash", reason=f"NaN: val_bpb is {val_bpb}", val_bpb=None, error=eval_tail)
     return dict(status="ok", val_bpb=float(val_bpb))
+
+
+def _escaped_reason(who: str, escaped: list[str]) -> str:
+    return f"{who} left processes running outside its process group, killed: {'; '.join(escaped)}"
 
 
 def _done(started: float, **fields: Any) -> TrialResult:

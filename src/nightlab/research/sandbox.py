@@ -1,0 +1,259 @@
+"""What a trial's processes may touch, and the checks that catch a trial that touched more.
+
+Always on:
+
+- ``train_view``: ``train.py`` is handed a dataset folder of links to the prepared dataset's files
+  without the validation split (``val.*``) and the text shards, so it cannot read the validation
+  split by accident. A train.py that goes looking (resolves a link, guesses the cache path) still
+  finds it: only the sandbox hides it.
+- ``escaped``: processes that left the trial's process group (a new session, a daemon) but still
+  carry its ``NIGHTLAB_OUT`` are found and killed after each stage; the trial is ``invalid``.
+- ``Guard``: around each trial, the lab's own files (``program.md``, ``nightlab.toml``, ``org/``,
+  everything in the checkout but ``notes/``, which the lead writes while trials run), the best
+  model in ``.nightlab/best/`` and the store's finished experiments and their measurements are
+  compared with what they were before; anything the trial changed is put back and the trial is
+  ``invalid``.
+
+Optional (``lab.sandbox = "bwrap"``): both stages run under bubblewrap, the root file system
+read-only, a private ``/tmp``, only the worktree and the run folder writable (the evaluator: only
+the run folder), the validation split absent from the training stage, and every process of the
+trial in its own PID namespace that dies with it. Not covered: the network, GPU devices (shared
+as they are), reading other files the user can read, and the evaluator (which must read the
+validation split and imports train.py to build the model). ``bench/RELIABILITY.md`` has the list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SANDBOXES = ("none", "bwrap")
+HIDDEN_PREFIXES = ("val",)  # dataset entries training never gets
+HIDDEN_NAMES = ("text",)  # the text shards hold the validation documents too
+VIEW_DIR = "data"  # the train-only view, inside the trial's run folder
+UNGUARDED = (".git", ".nightlab", "notes", "__pycache__")  # lab folders a trial's guard does not compare
+MAX_GUARDED_BYTES = 4 << 20  # lab files larger than this are compared by hash only and not restored
+
+
+class SandboxError(RuntimeError):
+    """The sandbox was asked for but cannot run here; the message names the fix."""
+
+
+# -- the training data view --------------------------------------------------------------------
+
+
+def train_view(data_dir: Path, run_dir: Path) -> Path:
+    """``run_dir/data``: links to every file of ``data_dir`` but the validation split and text shards."""
+    view = run_dir / VIEW_DIR
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for entry in sorted(Path(data_dir).iterdir()):
+        if hidden(entry.name):
+            continue
+        (view / entry.name).symlink_to(entry.resolve())
+    return view
+
+
+def hidden(name: str) -> bool:
+    return name.startswith(HIDDEN_PREFIXES) or name in HIDDEN_NAMES
+
+
+# -- bubblewrap ------------------------------------------------------------------------------
+
+
+def check_available(sandbox: str) -> None:
+    """Raise ``SandboxError`` when ``sandbox`` is unknown or its program is missing."""
+    if sandbox not in SANDBOXES:
+        raise SandboxError(f"lab.sandbox = {sandbox!r}; choose one of {', '.join(SANDBOXES)}")
+    if sandbox == "bwrap" and shutil.which("bwrap") is None:
+        raise SandboxError("lab.sandbox = \"bwrap\" but bubblewrap is not installed: apt-get install bubblewrap "
+                           "(or set lab.sandbox = \"none\")")
+
+
+def bwrap(command: list[str], *, cwd: Path, writable: list[Path], data_dir: Path | None = None) -> list[str]:
+    """``command`` run in ``cwd`` under bubblewrap: all read-only but ``writable``; ``data_dir`` without
+    its hidden entries."""
+    check_available("bwrap")
+    args = ["bwrap", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--unshare-pid", "--die-with-parent"]
+    for path in writable:
+        args += ["--bind", str(path), str(path)]
+    if data_dir is not None:
+        real = Path(data_dir).resolve()
+        args += ["--tmpfs", str(real)]
+        for entry in sorted(real.iterdir()):
+            if not hidden(entry.name):
+                args += ["--ro-bind", str(entry), str(entry)]
+    for path in writable:  # a writable folder inside /tmp would be hidden by the private /tmp: bind it again
+        if Path(path).resolve().is_relative_to("/tmp"):
+            args += ["--bind", str(path), str(path)]
+    return [*args, "--chdir", str(cwd), "--", *command]
+
+
+# -- processes that escaped the trial's group ----------------------------------------------------
+
+
+def escaped(run_dir: Path) -> list[str]:
+    """Kill live processes whose environment has ``NIGHTLAB_OUT=run_dir``; describe each one killed."""
+    marker = f"\0NIGHTLAB_OUT={Path(run_dir).resolve()}\0".encode()
+    killed = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return killed
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        if marker in environ and state not in ("Z", "X"):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.append(f"pid {entry.name} ({command[:80]})")
+    return killed
+
+
+# -- the guard around a trial --------------------------------------------------------------------
+
+
+@dataclass
+class Guard:
+    """What a trial must leave as it was: the lab's files, the best model, the store's finished rows."""
+
+    lab_dir: Path
+    store_path: Path
+    exp_id: int
+    files: dict[str, tuple[str, bytes | None]] = field(default_factory=dict)  # path -> (sha256, content)
+    best_id: str = ""
+    rows: dict[int, tuple] = field(default_factory=dict)  # finished experiment -> its judged fields
+    measured: dict[int, list[tuple]] = field(default_factory=dict)  # experiment -> its measurement rows
+
+    @classmethod
+    def take(cls, lab_dir: Path, store_path: Path, exp_id: int) -> "Guard":
+        guard = cls(Path(lab_dir), Path(store_path), exp_id)
+        guard.files = _lab_files(guard.lab_dir)
+        guard.best_id = _best_id(guard.lab_dir)
+        guard.rows, guard.measured = _store_rows(guard.store_path, exp_id)
+        return guard
+
+    def check(self) -> list[str]:
+        """What the trial changed, each put back; empty when nothing was touched."""
+        changes = self._check_files() + self._check_store()
+        return changes
+
+    def _check_files(self) -> list[str]:
+        changes = []
+        now = _lab_files(self.lab_dir)
+        best_now = _best_id(self.lab_dir)
+        for name in sorted(set(self.files) | set(now)):
+            if name.startswith(".nightlab/best/") and best_now != self.best_id and _is_kept(self.store_path, best_now):
+                continue  # another worker saved a new best
+            before, after = self.files.get(name), now.get(name)
+            if before is not None and after is not None and before[0] == after[0]:
+                continue
+            path = self.lab_dir / name
+            if before is None:
+                path.unlink(missing_ok=True)
+                changes.append(f"created {name} (removed)")
+            elif before[1] is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(before[1])
+                changes.append(f"{'changed' if after else 'deleted'} {name} (restored)")
+            else:
+                changes.append(f"changed {name} (too large to restore)")
+        return changes
+
+    def _check_store(self) -> list[str]:
+        rows, measured = _store_rows(self.store_path, self.exp_id, only=set(self.rows) | {self.exp_id})
+        changes = []
+        conn = sqlite3.connect(self.store_path, timeout=30.0, isolation_level=None)
+        try:
+            for exp_id, before in self.rows.items():
+                if rows.get(exp_id) != before:
+                    conn.execute("UPDATE experiments SET status = ?, val_bpb = ?, commit_sha = ?, parent_commit = ? "
+                                 "WHERE id = ?", (*before, exp_id))
+                    changes.append(f"changed experiment #{exp_id} in the store (restored)")
+            for exp_id in set(self.measured) | set(measured):
+                if measured.get(exp_id, []) != self.measured.get(exp_id, []):
+                    conn.execute("DELETE FROM measurements WHERE experiment_id = ? AND kind != 'replay'", (exp_id,))
+                    conn.executemany("INSERT INTO measurements (id, experiment_id, seed, kind, status, val_bpb, "
+                                     "reason, run_dir, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                     self.measured.get(exp_id, []))
+                    changes.append(f"changed the measurements of #{exp_id} in the store (restored)")
+        finally:
+            conn.close()
+        return changes
+
+
+def _lab_files(lab_dir: Path) -> dict[str, tuple[str, bytes | None]]:
+    found = {}
+    for folder, dirs, names in os.walk(lab_dir):
+        rel = Path(folder).relative_to(lab_dir)
+        if rel == Path("."):
+            dirs[:] = [d for d in dirs if d not in UNGUARDED]
+        for name in names:
+            path = Path(folder) / name
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found[(rel / name).as_posix()] = (hashlib.sha256(data).hexdigest(),
+                                              data if len(data) <= MAX_GUARDED_BYTES else None)
+    best = lab_dir / ".nightlab" / "best"
+    if best.is_dir():
+        for path in sorted(best.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                found[path.relative_to(lab_dir).as_posix()] = (hashlib.sha256(data).hexdigest(), data)
+    return found
+
+
+def _best_id(lab_dir: Path) -> str:
+    try:
+        return (lab_dir / ".nightlab" / "best" / "experiment.txt").read_text().split("\t", 1)[0]
+    except OSError:
+        return ""
+
+
+def _is_kept(store_path: Path, exp_id: str) -> bool:
+    if not exp_id.isdigit():
+        return False
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        row = conn.execute("SELECT status FROM experiments WHERE id = ?", (int(exp_id),)).fetchone()
+    finally:
+        conn.close()
+    return row is not None and row[0] == "keep"
+
+
+def _store_rows(store_path: Path, exp_id: int, only: set[int] | None = None) -> tuple[dict, dict]:
+    """Finished experiments' judged fields (or those of ``only``) and the judged measurements of
+    those and of ``exp_id``."""
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        if only is None:
+            found = conn.execute("SELECT id, status, val_bpb, commit_sha, parent_commit FROM experiments WHERE status "
+                                 "IN ('keep', 'discard', 'crash', 'timeout', 'invalid')").fetchall()
+        else:
+            marks = ", ".join("?" * len(only))
+            found = conn.execute(f"SELECT id, status, val_bpb, commit_sha, parent_commit FROM experiments WHERE id "
+                                 f"IN ({marks})", tuple(only)).fetchall()
+        rows = {r[0]: tuple(r[1:]) for r in found if r[0] != exp_id}
+        measured: dict[int, list[tuple]] = {}
+        for r in conn.execute("SELECT id, experiment_id, seed, kind, status, val_bpb, reason, run_dir, created_at "
+                              "FROM measurements WHERE kind != 'replay' ORDER BY id"):
+            if r[1] in rows or r[1] == exp_id:
+                measured.setdefault(r[1], []).append(tuple(r))
+    finally:
+        conn.close()
+    return rows, measured
