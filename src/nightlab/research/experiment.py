@@ -12,6 +12,7 @@ verdict in the row → branch tip (behind the last keep: moved there).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 import nightlab.research.git as real_git
 from nightlab.config import Config
 from nightlab.paths import state_dir
-from nightlab.research import history, policy
+from nightlab.research import history, policy, sandbox
 from nightlab.research.agents.base import Context, Proposal
 from nightlab.research.runner import TrialResult, group_alive, run_trial, stop_group
 from nightlab.research.store import FINISHED, Experiment, Run, Store, now
@@ -264,10 +265,19 @@ def next_trial(lab: Lab, exp: Experiment) -> Trial | None:
 def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
     """Run one trial with ``lab.trainer`` in the ``train`` worktree and record it."""
     work, run_dir = start_trial(lab, exp, trial, TRAIN_WORKTREE)
+    guard = sandbox.Guard.take(lab.dir, lab.store.path, exp.id) if _runs_processes(lab.trainer) else None
     result = lab.trainer(work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=lab.on_progress,
                          on_stage=lambda stage, pgid: lab.store.update(exp.id, stage=stage, pgid=pgid))
+    if guard is not None and (touched := guard.check()):
+        result = dataclasses.replace(result, status="invalid", val_bpb=None,
+                                     reason=f"the trial changed the lab outside its run folder: {'; '.join(touched)}")
     record_trial(lab, exp, trial, result)
     return result
+
+
+def _runs_processes(trainer: Trainer) -> bool:
+    """Whether ``trainer`` runs train.py as real processes on this machine (not a simulation)."""
+    return trainer is run_trial or getattr(trainer, "func", None) is run_trial
 
 
 def trial_dir(lab: Lab, trial: Trial) -> Path:
