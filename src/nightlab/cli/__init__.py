@@ -11,7 +11,7 @@ import sys
 from nightlab import __version__
 from nightlab.config import ConfigError
 
-GROUPS = ("nightlab.cli.lab", "nightlab.cli.research", "nightlab.cli.report")
+GROUPS = ("nightlab.cli.lab", "nightlab.cli.research", "nightlab.cli.report", "nightlab.cli.org")
 
 
 class UserError(Exception):

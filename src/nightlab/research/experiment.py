@@ -140,24 +140,26 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
 
 
 def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kind: str = "experiment",
-          **extra: Any) -> Experiment:
+          allowed: tuple[str, ...] | None = None, **extra: Any) -> Experiment:
     """Check the edit in ``work`` (a checkout of ``parent``), commit it and record the experiment.
 
     An edit outside the allowed files, or no edit at all, is recorded as ``invalid`` with no
     commit and the worktree is reverted; the reason reaches the next proposer as its last error.
-    ``extra`` are more columns of the row (``claim``, ``origin_id``).
+    ``allowed`` narrows ``lab.allowed_files`` (a role's ``edits``); ``extra`` are more columns of the
+    row (``claim``, ``origin_id``).
     """
     git = lab.git
+    allowed = allowed or lab.config.lab.allowed_files
     common = dict(kind=kind, worker=lab.worker, agent=agent, parent_commit=parent,
                   description=proposal.description.strip() or "(no description)", rationale=proposal.rationale,
                   cost_usd=proposal.cost_usd, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out, **extra)
     changed = git.changed_files(work)
-    refused = git.disallowed(changed, lab.config.lab.allowed_files)
+    refused = git.disallowed(changed, allowed)
     if refused or not changed:
         reason = "the proposal changed nothing"
         if refused:
             undo = "restore them and run again" if kind == "manual" else "the edit was reverted"
-            reason = (f"edited files outside the allowed ones ({', '.join(lab.config.lab.allowed_files)}): "
+            reason = (f"edited files outside the allowed ones ({', '.join(allowed)}): "
                       f"{', '.join(refused)}; {undo}")
         if kind != "manual":  # the lab's own checkout is the user's: never reset it
             git.worktree_reset(work, parent)
@@ -264,7 +266,7 @@ def next_trial(lab: Lab, exp: Experiment) -> Trial | None:
 
 def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
     """Run one trial with ``lab.trainer`` in the ``train`` worktree and record it."""
-    work, run_dir = start_trial(lab, exp, trial, TRAIN_WORKTREE)
+    work, run_dir = start_trial(lab, exp, trial)
     guard = sandbox.Guard.take(lab.dir, lab.store.path, exp.id) if _runs_processes(lab.trainer) else None
     result = lab.trainer(work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=lab.on_progress,
                          on_stage=lambda stage, pgid: lab.store.update(exp.id, stage=stage, pgid=pgid))
@@ -285,13 +287,15 @@ def trial_dir(lab: Lab, trial: Trial) -> Path:
     return run_dir / f"{trial.kind}-{trial.seed}" if trial.k else run_dir
 
 
-def start_trial(lab: Lab, exp: Experiment, trial: Trial, worktree: str) -> tuple[Path, Path]:
-    """Record that ``trial`` starts, clear its run folder and check its commit out in ``worktree``."""
+def start_trial(lab: Lab, exp: Experiment, trial: Trial, worker: str | None = None) -> tuple[Path, Path]:
+    """Record that ``trial`` starts (on ``worker``, default ``lab.worker``), clear its run folder and
+    check its commit out in the worker's worktree (``train``, or ``train-<worker>``)."""
     run_dir = trial_dir(lab, trial)
     if run_dir.exists():  # a trial interrupted by a kill: start it over in a clean folder
         shutil.rmtree(run_dir) if trial.k else _clear_files(run_dir)
-    lab.store.update(exp.id, status="running", stage="train", started_at=exp.started_at or now())
-    work = lab.git.worktree(lab.dir, worktree, trial.commit)
+    lab.store.update(exp.id, status="running", stage="train", started_at=exp.started_at or now(),
+                     worker=worker or lab.worker)
+    work = lab.git.worktree(lab.dir, f"{TRAIN_WORKTREE}-{worker}" if worker else TRAIN_WORKTREE, trial.commit)
     label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
     lab.say(f"{label} training: {exp.description}")
     return work, run_dir

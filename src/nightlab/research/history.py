@@ -62,7 +62,7 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-RECENT = 200  # newest experiments read for the recent list (older ones are only counted)
+RECENT = 80  # newest experiments read for the recent list (older ones are only counted)
 NEAR_MISSES = 5
 FAILED_IDEAS = 6
 

@@ -176,14 +176,15 @@ class Store:
 
     def select(
         self, run_tag: str, *, statuses: tuple[str, ...] = (), agent: str | None = None, commit: str | None = None,
-        kind: str | None = None, limit: int | None = None, newest_first: bool = False, by_val_bpb: bool = False,
+        kind: str | None = None, origin: int | None = None, limit: int | None = None, newest_first: bool = False,
+        by_val_bpb: bool = False,
     ) -> list[Experiment]:
         """Experiments of a run that match every given filter, by id or (``by_val_bpb``) lowest val_bpb first."""
         where, args = ["run_tag = ?"], [run_tag]
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
             args += statuses
-        for column, value in (("agent", agent), ("commit_sha", commit), ("kind", kind)):
+        for column, value in (("agent", agent), ("commit_sha", commit), ("kind", kind), ("origin_id", origin)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)

@@ -95,6 +95,10 @@ class ApiProposer:
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
         """The outcome reaches the model through the history in the next context."""
 
+    def complete(self, prompt: Prompt) -> Completion:
+        """One reply to ``prompt`` with the retries above (the org's reviewer and lead ask through this)."""
+        return self._complete(prompt)
+
     # -- the call, with retries ------------------------------------------------------------
 
     def _complete(self, prompt: Prompt) -> Completion:

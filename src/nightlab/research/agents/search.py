@@ -145,7 +145,8 @@ class SearchProposer:
                 trial = self._study.ask({d.key: d.distribution() for d in dims})
                 values = {d.key: d.value(trial.params[d.key]) for d in dims}
                 edited = write_constants(source, values)
-                if edited == best and context.best_val_bpb is not None and math.isfinite(context.best_val_bpb):
+                same = best is not None and edited.rstrip("\n") == best.rstrip("\n")  # git show drops the last newline
+                if same and context.best_val_bpb is not None and math.isfinite(context.best_val_bpb):
                     self._study.tell(trial, context.best_val_bpb)  # already measured: that is the best
                     continue
                 trial.set_user_attr("values", values)

@@ -1,0 +1,103 @@
+"""Where trials run: the scheduler's workers, each a name and a trainer with ``run_trial``'s signature.
+
+- ``local_workers(devices)``: one worker per GPU of this machine; each trial's processes see only
+  their GPU (``CUDA_VISIBLE_DEVICES``) and use ``cuda`` inside it. ``cpu`` workers run tiny
+  configs side by side.
+- ``ray_workers(address, count)``: the same runner as Ray tasks that ask for one GPU each on an
+  existing Ray cluster. The experiment's worktree (its train.py at the commit) travels as the
+  task's ``runtime_env`` working directory; the task trains and evaluates on its node and sends
+  the run folder's files back, so the store, the agents and every run folder stay on the head.
+  The prepared dataset must be at the same path on every node (``nightlab prepare`` there, or a
+  shared file system).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nightlab.config import Config
+from nightlab.research.runner import TrialResult, run_trial
+from nightlab.research.scheduler import Worker
+
+MAX_RETURNED_BYTES = 4 << 30  # a run folder bigger than this is not sent back (the weights stay on the node)
+
+
+def local_workers(devices: list[str], trainer: Any = run_trial) -> list[Worker]:
+    """One worker per entry of ``devices``: a GPU index (``0``, ``1``, ...) or ``cpu``."""
+    workers = []
+    for k, device in enumerate(devices):
+        device = device.strip()
+        if device == "cpu":
+            workers.append(Worker(f"cpu{k}", functools.partial(_on_device, trainer, "cpu", {})))
+        elif device.isdigit():
+            workers.append(Worker(f"gpu{device}", functools.partial(_on_device, trainer, "cuda",
+                                                                     {"CUDA_VISIBLE_DEVICES": device})))
+        else:
+            raise ValueError(f"device {device!r}: give GPU indices or cpu, e.g. --devices 0,1 or --devices cpu,cpu")
+    return workers
+
+
+def _on_device(trainer: Any, device: str, device_env: dict[str, str], workdir: Path, run_dir: Path, config: Config,
+               seed: int, **kw: Any) -> TrialResult:
+    """The trial on this worker's device: inside, the one GPU it sees is ``cuda``."""
+    from dataclasses import replace
+
+    config = replace(config, lab=replace(config.lab, device=device))
+    return trainer(workdir, run_dir, config, seed, env={**device_env, **(kw.pop("env", None) or {})}, **kw)
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+
+
+def ray_workers(address: str, count: int, *, num_gpus: float = 1.0, resources: dict[str, float] | None = None,
+                init_kwargs: dict[str, Any] | None = None) -> list[Worker]:
+    """``count`` workers that run each trial as a Ray task on the cluster at ``address``.
+
+    ``num_gpus`` per task (1 on a GPU cluster; 0 to run on CPU nodes, as the tests do).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray executor needs Ray: pip install 'nightlab[cluster]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address or None, **(init_kwargs or {}))
+    options = {"num_gpus": num_gpus, "max_retries": 0, **({"resources": resources} if resources else {})}
+    task = ray.remote(_remote_trial).options(**options)
+    return [Worker(f"ray{k}", functools.partial(_ray_trial, task)) for k in range(count)]
+
+
+def _ray_trial(task: Any, workdir: Path, run_dir: Path, config: Config, seed: int, *, data_dir: Path,
+               on_progress: Any = None, on_stage: Any = None, env: dict[str, str] | None = None) -> TrialResult:
+    """Ship ``workdir`` as the task's working directory, run it there, write the files it sends back."""
+    import ray
+
+    ref = task.options(runtime_env={"working_dir": str(workdir)}).remote(config, seed, str(data_dir), env or {})
+    result, files = ray.get(ref)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (run_dir / name).write_bytes(data)
+    if on_progress:
+        for line in result.log_tail.splitlines():
+            on_progress(line)
+    return result
+
+
+def _remote_trial(config: Config, seed: int, data_dir: str, env: dict[str, str]) -> tuple[TrialResult, dict]:
+    """On the node: the task's working directory holds train.py; train and evaluate it there.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the task's GPU, so the runner's ``auto`` device finds it.
+    """
+    workdir = Path(os.getcwd())
+    with tempfile.TemporaryDirectory(prefix="nightlab-run-") as tmp:
+        result = run_trial(workdir, Path(tmp), config, seed, data_dir=Path(data_dir), env=env)
+        files, total = {}, 0
+        for path in sorted(Path(tmp).iterdir()):
+            if path.is_file() and total + path.stat().st_size <= MAX_RETURNED_BYTES:
+                files[path.name] = path.read_bytes()
+                total += len(files[path.name])
+    return result, files

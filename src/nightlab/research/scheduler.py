@@ -1,0 +1,300 @@
+"""Several workers and several researchers at once: one experiment per worker, proposals queued ahead.
+
+One orchestrator thread owns the store, git, the notes board, the lead and the reviewer; worker
+threads only run trials (``Worker.trainer``: the runner in a subprocess, a Ray task, or the
+simulator) and proposal threads only let a researcher edit its own worktree. Everything they
+finish comes back as an event, and the orchestrator records it, so the store sees one writer.
+
+- Each worker trains in its own worktree ``train-<worker>``; each researcher edits in its own
+  ``propose-<researcher>``. A researcher proposes one thing at a time; it is told the outcome of
+  its experiments (``observe``) between proposals, never during one.
+- Proposals are asked for ahead of need: admitted experiments wait in a queue so that a worker
+  that finishes finds the next one ready (``lookahead``, default one per worker). A confirmation
+  trial of a running experiment goes first.
+- Two workers may improve on the same parent; the first to finish becomes the best, and the
+  other's change is re-applied on top of it and measured again (``experiment.reapply``), or goes
+  back to its author as a conflict.
+- A researcher claims an agenda item before it proposes and releases it with its verdict; the
+  lead rewrites the agenda every ``lead.every`` experiments; new bests are added to the findings.
+- ``stop``: no new proposal or trial starts; running trials finish and are recorded; experiments
+  left unfinished are resumed by the next run (``experiment.recover``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from nightlab.research.agents.base import Proposal, ProposalError, Proposer
+from nightlab.research.experiment import (
+    Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial, record_trial,
+    recover, start_trial,
+)
+from nightlab.research.notes import Board
+from nightlab.research.runner import TrialResult
+from nightlab.research.store import Experiment
+
+POLL_S = 0.2
+
+
+@dataclass
+class Researcher:
+    name: str
+    proposer: Proposer
+    brief: str | None = None  # None: program.md
+    edits: tuple[str, ...] = ()  # files it may change; empty: lab.allowed_files
+    busy: bool = False
+    outcomes: list[tuple[Proposal, Experiment]] = field(default_factory=list)  # to observe before proposing
+    inbox: queue.Queue | None = None  # proposals to make, served by this researcher's own thread
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A place where trials run: ``trainer`` has ``runner.run_trial``'s signature."""
+
+    name: str
+    trainer: Trainer
+
+
+@dataclass
+class Tally:
+    """What a scheduler run did: for the log, the benchmark, and the check that nothing is lost."""
+
+    proposals: int = 0  # proposals the researchers returned (or failed)
+    rows: int = 0  # experiment rows those became
+    trials: int = 0  # trials run
+    reapplied: int = 0  # stale wins measured again on the new best
+    conflicts: int = 0  # stale wins that no longer applied
+    wall_s: float = 0.0
+    orchestrator_s: float = 0.0  # time the orchestrator thread was busy (not waiting for events)
+
+
+class Scheduler:
+    def __init__(self, lab: Lab, researchers: list[Researcher], workers: list[Worker], *,
+                 board: Board | None = None, lead: Callable[[Lab, Board], str] | None = None,
+                 lookahead: int | None = None) -> None:
+        if not researchers or not workers:
+            raise ValueError("a scheduler needs at least one researcher and one worker")
+        self.lab, self.researchers, self.workers = lab, researchers, workers
+        self.board = board if board is not None else Board(lab.dir)
+        self.lead = lead
+        self.lookahead = len(workers) if lookahead is None else lookahead
+        self.tally = Tally()
+        self.events: queue.Queue = queue.Queue()
+        self.ready: deque[tuple[int, Trial]] = deque()
+        self.idle = list(workers)
+        self.asked = 0  # proposals in flight
+        self.authors: dict[int, tuple[Researcher, Proposal]] = {}
+        self.since_lead = 0
+        self.done: list[Experiment] = []
+        self._next_researcher = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, max_experiments: int = 0, hours: float = 0.0,
+            stop: threading.Event | None = None) -> list[Experiment]:
+        """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``."""
+        lab, stop = self.lab, stop or threading.Event()
+        started = time.monotonic()
+        deadline = started + hours * 3600 if hours > 0 else float("inf")
+        for exp in recover(lab):
+            lab.say(f"#{exp.id}: resuming ({exp.description})")
+            self.board.hold(exp.claim, exp.agent)
+            trial = next_trial(lab, exp)
+            if trial is None:
+                self._finished(conclude(lab, exp))
+            else:
+                self.ready.append((exp.id, trial))
+        baseline_trainer = lab.trainer
+        lab.trainer = self.workers[0].trainer
+        try:
+            measure_baseline(lab)
+        finally:
+            lab.trainer = baseline_trainer
+        counted = sum(lab.store.status_counts(lab.run.tag, kind="experiment").values())
+
+        def more() -> bool:
+            limit = max_experiments and counted + self.asked >= max_experiments
+            return not (stop.is_set() or limit or time.monotonic() >= deadline)
+
+        waited = 0.0
+        with ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker") as pool:
+            self.pool = pool
+            while True:
+                if not stop.is_set():
+                    while self.idle and self.ready:
+                        self._start(self.idle.pop(0), *self.ready.popleft())
+                while more() and len(self.ready) + self.asked < len(self.idle) + self.lookahead:
+                    researcher = self._free_researcher()
+                    if researcher is None:
+                        break
+                    self._ask(researcher)
+                running = len(self.workers) - len(self.idle)
+                if not running and not self.asked and (stop.is_set() or not self.ready) and not more():
+                    break
+                if not running and stop.is_set():
+                    break  # proposals still out are dropped, as the single loop drops its pending one
+                t = time.monotonic()
+                try:
+                    event = self.events.get(timeout=POLL_S)
+                except queue.Empty:
+                    waited += time.monotonic() - t
+                    continue
+                waited += time.monotonic() - t
+                before = self.tally.rows
+                self._handle(event)
+                counted += self.tally.rows - before
+        self.tally.wall_s = time.monotonic() - started
+        self.tally.orchestrator_s = self.tally.wall_s - waited
+        for researcher in self.researchers:
+            self._tell(researcher)
+        return self.done
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "proposal":
+            self._proposed(*event[1:])
+        elif kind == "trial":
+            self._trained(*event[1:])
+        elif kind == "stage":
+            _, exp_id, stage, pgid = event
+            self.lab.store.update(exp_id, stage=stage, pgid=pgid)
+
+    # -- proposals -----------------------------------------------------------------------------
+
+    def _free_researcher(self) -> Researcher | None:
+        for i in range(len(self.researchers)):
+            r = self.researchers[(self._next_researcher + i) % len(self.researchers)]
+            if not r.busy:
+                self._next_researcher = (self._next_researcher + i + 1) % len(self.researchers)
+                return r
+        return None
+
+    def _ask(self, researcher: Researcher) -> None:
+        lab = self.lab
+        self._tell(researcher)
+        claim = self.board.claim(researcher.name)
+        parent = lab.best_commit()
+        work = lab.git.worktree(lab.dir, f"propose-{researcher.name}", parent)
+        ctx = context(lab, program=researcher.brief, agent=researcher.name, claim=claim)
+        if researcher.edits:
+            ctx = dataclasses.replace(ctx, allowed_files=researcher.edits)
+        researcher.busy = True
+        self.asked += 1
+
+        def propose() -> None:
+            try:
+                outcome: Any = researcher.proposer.propose(ctx, work)
+            except Exception as e:  # noqa: BLE001 -- an agent failure of any kind is recorded, never fatal
+                outcome = e
+            self.events.put(("proposal", researcher, parent, work, claim, outcome))
+
+        if researcher.inbox is None:  # one daemon thread per researcher: a thinking agent never blocks exit
+            researcher.inbox = queue.Queue()
+            threading.Thread(target=_serve, args=(researcher.inbox,), daemon=True,
+                             name=f"nightlab-propose-{researcher.name}").start()
+        researcher.inbox.put(propose)
+
+    def _proposed(self, researcher: Researcher, parent: str, work, claim: str, outcome: Any) -> None:
+        lab = self.lab
+        researcher.busy = False
+        self.asked -= 1
+        self.tally.proposals += 1
+        if isinstance(outcome, BaseException):
+            spent = None
+            if isinstance(outcome, ProposalError):
+                spent = Proposal("(agent failed)", cost_usd=outcome.cost_usd, tokens_in=outcome.tokens_in,
+                                 tokens_out=outcome.tokens_out)
+            reason = f"agent {researcher.name} failed: " + (
+                str(outcome) if isinstance(outcome, ProposalError) else f"{type(outcome).__name__}: {outcome}")
+            self.tally.rows += 1
+            self._finished(invalid_proposal(lab, parent, researcher.name, reason, spent, claim=claim))
+            return
+        best = lab.best_commit()
+        if parent != best and not lab.git.move_changes(work, best):
+            lab.say(f"{researcher.name}: the proposal conflicts with the new best; asking again")
+            self.board.release(researcher.name)
+            self.tally.proposals -= 1  # asked again: not a proposal of its own
+            return
+        exp = admit(lab, work, best, outcome, researcher.name, claim=claim,
+                    **({"allowed": researcher.edits} if researcher.edits else {}))
+        self.tally.rows += 1
+        self.authors[exp.id] = (researcher, outcome)
+        if exp.commit_sha and not exp.finished:
+            self.ready.append((exp.id, Trial(exp.id, exp.commit_sha, lab.config.lab.seed, "first", 0)))
+        else:
+            self._finished(exp)
+
+    def _tell(self, researcher: Researcher) -> None:
+        for proposal, exp in researcher.outcomes:
+            researcher.proposer.observe(proposal, exp.status, exp.val_bpb)
+        researcher.outcomes.clear()
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def _start(self, worker: Worker, exp_id: int, trial: Trial) -> None:
+        lab = self.lab
+        exp = lab.store.get(exp_id)
+        work, run_dir = start_trial(lab, exp, trial, worker.name)
+        progress = lab.on_progress
+        on_progress = (lambda line: progress(f"[{worker.name}] {line}")) if progress else None
+        future = self.pool.submit(
+            worker.trainer, work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=on_progress,
+            on_stage=lambda stage, pgid: self.events.put(("stage", exp_id, stage, pgid)),
+        )
+        future.add_done_callback(lambda f: self.events.put(("trial", worker, exp_id, trial, f)))
+
+    def _trained(self, worker: Worker, exp_id: int, trial: Trial, future: Future) -> None:
+        lab = self.lab
+        self.idle.append(worker)
+        self.tally.trials += 1
+        try:
+            result = future.result()
+        except Exception as e:  # noqa: BLE001 -- an executor failure is this trial's crash
+            result = TrialResult("crash", reason=f"worker {worker.name} failed: {type(e).__name__}: {e}", error=str(e))
+        exp = lab.store.get(exp_id)
+        record_trial(lab, exp, trial, result)
+        following = next_trial(lab, exp)
+        if following is not None:
+            self.ready.appendleft((exp_id, following))
+            return
+        self._finished(conclude(lab, exp))
+
+    # -- verdicts ------------------------------------------------------------------------------
+
+    def _finished(self, exp: Experiment) -> None:
+        lab = self.lab
+        again = lab.store.select(lab.run.tag, origin=exp.id) if exp.reason.startswith("superseded") else []
+        for row in again:
+            self.tally.reapplied += 1
+            self.tally.rows += 1
+            self.ready.appendleft((row.id, Trial(row.id, row.commit_sha or "", lab.config.lab.seed, "first", 0)))
+        if exp.reason.startswith("conflict:"):
+            self.tally.conflicts += 1
+        author = self.authors.pop(exp.id, None)
+        if author is not None:
+            researcher, proposal = author
+            researcher.outcomes.append((proposal, exp))
+            self.board.release(researcher.name)  # a re-applied change runs on without a claim
+        if exp.status == "keep" and exp.val_bpb is not None:
+            self.board.add_finding(f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}")
+        self.done.append(exp)
+        if lab.on_finished:
+            lab.on_finished(exp)
+        if self.lead is not None and exp.kind == "experiment":
+            self.since_lead += 1
+            if self.since_lead >= getattr(self.lead, "every", 10):
+                self.since_lead = 0
+                lab.say(f"lead: {self.lead(lab, self.board)}")
+
+
+def _serve(inbox: queue.Queue) -> None:
+    while True:
+        inbox.get()()

@@ -1,0 +1,153 @@
+"""Several workers: stale wins re-applied on the new best, conflicts back to their author, real trials side by side."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
+from nightlab.config import load
+from nightlab.research.agents.scripted import ScriptedProposer
+from nightlab.research.executors import local_workers
+from nightlab.research.experiment import Lab, context
+from nightlab.research.loop import start_run
+from nightlab.research.notes import Board
+from nightlab.research.scheduler import Researcher, Scheduler, Worker
+from nightlab.research.simulate import MemoryGit, SimulatedTrainer, Surface, _masked
+from nightlab.research.store import Store
+
+SOURCE = "DEPTH = 8  # layers\nASPECT_RATIO = 64  # width\nMATRIX_LR = 0.04  # lr\nWARMUP = 0.5  # share\n"
+
+
+def _simulated_lab(tmp_path: Path, seconds: float = 0.3) -> Lab:
+    lab_dir = tmp_path / "lab"
+    lab_dir.mkdir()
+    (lab_dir / "train.py").write_text(SOURCE)
+    (lab_dir / "program.md").write_text("Make val_bpb lower.\n")
+    (lab_dir / "nightlab.toml").write_text("[run]\nbaseline_runs = 2\nconfirm_runs = 1\n")
+    surface = Surface({"DEPTH": 14.0, "MATRIX_LR": 0.02}, {"DEPTH": 0.05, "MATRIX_LR": 0.05}, floor=0.9,
+                      noise=0.0002, baseline_text=_masked(SOURCE))
+    vcs = MemoryGit(lab_dir, files=("train.py", "program.md"))
+    store = Store.open(lab_dir)
+    config = load(lab_dir)
+    run = start_run(lab_dir, store, config, "scripted", "t", False, vcs=vcs)
+    return Lab(lab_dir, config, lab_dir, store, run, say=lambda line: None, trainer=SimulatedTrainer(surface, seconds),
+               git=vcs)
+
+
+def _two_researchers(first, second) -> list[Researcher]:
+    return [Researcher("a", ScriptedProposer([first])), Researcher("b", ScriptedProposer([second]))]
+
+
+def _workers(lab: Lab, n: int) -> list[Worker]:
+    return [Worker(f"w{k}", lab.trainer) for k in range(n)]
+
+
+def test_two_wins_from_one_parent_the_second_is_measured_again_on_the_new_best(tmp_path):
+    lab = _simulated_lab(tmp_path)
+    researchers = _two_researchers(constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02))
+    scheduler = Scheduler(lab, researchers, _workers(lab, 2))
+    scheduler.run(max_experiments=2)
+    rows = {e.id: e for e in lab.experiments()}
+    first, second = [e for e in rows.values() if e.kind == "experiment" and e.origin_id is None]
+    assert first.parent_commit == second.parent_commit == lab.run.base_commit  # proposed side by side
+    stale = first if first.status == "discard" else second
+    winner = second if stale is first else first
+    again = [e for e in rows.values() if e.origin_id == stale.id]
+    assert winner.status == "keep" and stale.status == "discard" and len(again) == 1
+    assert stale.reason.startswith("superseded") and f"as #{again[0].id}" in stale.reason
+    assert again[0].parent_commit == winner.commit_sha and again[0].status == "keep"
+    assert again[0].description == stale.description and again[0].agent == stale.agent
+    best = lab.git.read_file(lab.dir, lab.best_commit(), "train.py")
+    assert "DEPTH = 12" in best and "MATRIX_LR = 0.02" in best  # both changes, measured together
+    assert scheduler.tally.reapplied == 1 and scheduler.tally.rows == 3
+    # Both proposals trained at the same time on different workers.
+    assert {first.worker, second.worker} == {"w0", "w1"}
+    spans = [(datetime.fromisoformat(e.started_at), datetime.fromisoformat(e.finished_at)) for e in (first, second)]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+    # Each author was told the outcome of its own proposal.
+    told = {r.name: [(o.description, o.status) for o in r.proposer.observations] for r in researchers}
+    assert told[stale.agent] == [(stale.description, "discard")] and told[winner.agent] == [(winner.description, "keep")]
+
+
+def test_a_stale_win_that_no_longer_applies_goes_back_to_its_author(tmp_path):
+    lab = _simulated_lab(tmp_path)
+    researchers = _two_researchers(constant_step("deeper", "DEPTH", 12), constant_step("much deeper", "DEPTH", 13))
+    scheduler = Scheduler(lab, researchers, _workers(lab, 2))
+    scheduler.run(max_experiments=2)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert len(rows) == 2 and scheduler.tally.conflicts == 1
+    loser = next(e for e in rows if e.status == "discard")
+    assert loser.reason.startswith("conflict:") and "propose it again on top of the best" in loser.reason
+    told = context(lab, agent=loser.agent).last_error
+    assert f"#{loser.id}" in told and "conflict" in told
+    assert context(lab, agent=next(e for e in rows if e.status == "keep").agent).last_error == ""
+
+
+def test_claims_keep_two_researchers_off_the_same_agenda_item(tmp_path):
+    lab = _simulated_lab(tmp_path, seconds=0.2)
+    board = Board(lab.dir)
+    board.write_agenda("# Agenda\n\n- DEPTH: try higher\n- MATRIX_LR: try lower\n- [x] done already\n")
+    researchers = _two_researchers(constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02))
+    Scheduler(lab, researchers, _workers(lab, 2), board=board).run(max_experiments=2)
+    claims = {r.name: r.proposer.contexts[0].claim for r in researchers}
+    assert sorted(claims.values()) == ["DEPTH: try higher", "MATRIX_LR: try lower"]
+    assert {e.agent: e.claim for e in lab.experiments() if e.origin_id is None and e.kind == "experiment"} == claims
+    assert board.claims == {}  # released with the verdicts
+    findings = (lab.dir / "notes" / "findings.md").read_text()
+    assert "val_bpb" in findings and findings.count("\n- ") == 2
+
+
+def test_local_workers_give_each_trial_its_own_gpu():
+    seen = []
+
+    def recording_trainer(workdir, run_dir, config, seed, **kw):
+        seen.append((config.lab.device, kw["env"]))
+
+    workers = local_workers(["0", "1", "cpu"], trainer=recording_trainer)
+    from nightlab.config import Config
+
+    for w in workers:
+        w.trainer(Path("."), Path("."), Config(), 0, data_dir=Path("."), env={"EXTRA": "1"})
+    assert [w.name for w in workers] == ["gpu0", "gpu1", "cpu2"]
+    assert seen == [("cuda", {"CUDA_VISIBLE_DEVICES": "0", "EXTRA": "1"}),
+                    ("cuda", {"CUDA_VISIBLE_DEVICES": "1", "EXTRA": "1"}), ("cpu", {"EXTRA": "1"})]
+    with pytest.raises(ValueError, match="--devices 0,1"):
+        local_workers(["gpu0"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_train_real_trials_side_by_side(tmp_path, data_dir):
+    """Real git, real subprocesses (the stand-in train.py and the trusted evaluator), two CPU workers."""
+    slow = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.0)
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0), slow)
+    lab = open_lab(lab_dir, data_dir)
+    researchers = [Researcher("a", ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0),
+                                                     constant_step("noisy", "NOISE", 0.5)])),
+                   Researcher("b", ScriptedProposer([constant_step("flatter", "SHARPNESS", 0.3),
+                                                     constant_step("sharpest", "SHARPNESS", 0.9)]))]
+    Scheduler(lab, researchers, local_workers(["cpu", "cpu"])).run(max_experiments=4)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert all(e.finished for e in rows) and len(rows) >= 4
+    assert {e.worker for e in rows} == {"cpu0", "cpu1"}
+    spans = sorted((datetime.fromisoformat(e.started_at), datetime.fromisoformat(e.finished_at)) for e in rows)
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # some trials overlapped
+    by = {e.description: e for e in rows if e.origin_id is None}
+    assert by["flatter"].status == "discard" and by["sharper"].val_bpb < by["flatter"].val_bpb
+    for e in rows:
+        if e.commit_sha:
+            assert git(lab_dir, "rev-parse", f"refs/nightlab/exp/{e.id}") == e.commit_sha
+    assert git(lab_dir, "rev-parse", "nightlab/t") == lab.best_commit()
+    assert "SHARPNESS = 1.0" in git(lab_dir, "show", "nightlab/t:train.py") or \
+        "SHARPNESS = 0.9" in git(lab_dir, "show", "nightlab/t:train.py")
+    assert git(lab_dir, "status", "--porcelain", "--", "train.py", "program.md") == ""  # the lab's checkout untouched
+    assert "sharper" in (lab_dir / "notes" / "findings.md").read_text()
+    worktrees = git(lab_dir, "worktree", "list")
+    assert "train-cpu0" in worktrees and "train-cpu1" in worktrees and "propose-a" in worktrees
