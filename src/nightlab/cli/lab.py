@@ -149,6 +149,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from nightlab.cli import UserError
     from nightlab.lab import datasets
 
     if args.lab is None and args.dataset and not _inside_lab():
@@ -159,7 +160,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     vocab = args.vocab_size or conf.vocab_size
     shards = args.num_shards or conf.num_shards
     t0 = time.time()
-    data_dir = datasets.prepare(spec, vocab_size=vocab, num_shards=shards)
+    try:
+        data_dir = datasets.prepare(spec, vocab_size=vocab, num_shards=shards)
+    except datasets.DatasetError as e:
+        raise UserError(str(e)) from None
     prepared = datasets.open_prepared(spec, vocab)
     m = prepared.manifest
     print(f"dataset {spec}: corpus {prepared.corpus_hash}, vocab {vocab}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -79,7 +80,38 @@ def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None):
 
     if not git.is_repo(lab_dir):
         raise UserError(f"{lab_dir} is not a git repository; nightlab keeps experiments as commits: `git init`")
+    _check_writable(lab_dir)
     return lab_dir, config, data_dir
+
+
+def _check_writable(lab_dir: Path) -> None:
+    """The lab's state folder must be a folder we can write in; say so in one line if not."""
+    from nightlab.cli import UserError
+
+    state = state_dir(lab_dir)
+    existed = state.exists()
+    try:
+        state.mkdir(exist_ok=True)
+        probe = state / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        if not existed:
+            state.rmdir()  # a command that fails later must leave the lab as it was
+    except OSError as e:
+        raise UserError(f"cannot write nightlab's state in {state} ({e.strerror or e}): make the lab writable, "
+                        f"or remove {state} if it is not a folder") from None
+
+
+def _check_committed(lab_dir: Path, config: cfg.Config) -> None:
+    """A new run starts from HEAD: uncommitted edits of the files it experiments on would be ignored."""
+    from nightlab.cli import UserError
+    from nightlab.research import git
+
+    dirty = [p for p in git.changed_files(lab_dir) if p in (*config.lab.allowed_files, cfg.CONFIG_FILE)]
+    if dirty:
+        raise UserError(f"{', '.join(dirty)} in {lab_dir} has uncommitted changes, which a run (starting from the "
+                        f"last commit) would ignore: commit them (git commit -am '...') or discard them "
+                        f"(git checkout -- {' '.join(dirty)})")
 
 
 def _prepared_dir(config: cfg.Config) -> Path:
@@ -107,6 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.research.store import Store
 
     lab_dir, config, data_dir = _setup(args, [f'run.agent="{args.agent}"'] if args.agent else [])
+    if not args.resume:
+        _check_committed(lab_dir, config)
     try:
         proposer = create(config.run.agent, config, lab_dir)
     except (ValueError, ImportError) as e:
