@@ -1,0 +1,108 @@
+"""``nightlab init``, ``prepare`` and ``train`` as a user runs them: real subprocesses, git, tiny CPU training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GUTENBERG
+from nightlab import config as cfg
+from nightlab.cli import main
+
+
+def nightlab(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NIGHTLAB_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def gutenberg_sample(folder: Path) -> Path:
+    """The shared tiny book sample as training text and the pinned validation books as `val*`."""
+    folder.mkdir()
+    (folder / "tiny.parquet").symlink_to(GUTENBERG / "tiny.parquet")
+    (folder / "val.parquet").symlink_to(GUTENBERG / "val.parquet")
+    return folder
+
+
+@pytest.mark.slow
+def test_init_prepare_train_on_the_gutenberg_sample(tmp_path: Path) -> None:
+    home, text = tmp_path / "home", gutenberg_sample(tmp_path / "books")
+    lab = tmp_path / "lab"
+    done = nightlab("init", str(lab), "--dataset", f"local:{text}", "--device", "cpu", "--budget", "40",
+                    "--set", "lab.eval_max_tokens=60000", cwd=tmp_path, home=home)
+    assert done.returncode == 0, done.stderr
+    assert {"train.py", "program.md", "nightlab.toml", ".gitignore", "notes"} <= {p.name for p in lab.iterdir()}
+    log = subprocess.run(["git", "-C", str(lab), "log", "--format=%s"], capture_output=True, text=True).stdout
+    assert log.strip() == "nightlab init: baseline train.py"
+    assert subprocess.run(["git", "-C", str(lab), "status", "--porcelain"], capture_output=True,
+                          text=True).stdout == ""
+
+    done = nightlab("prepare", cwd=lab, home=home)
+    assert done.returncode == 0, done.stderr
+    assert "corpus " in done.stdout and "val tokens" in done.stdout
+
+    done = nightlab("train", cwd=lab, home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = dict(line.split(": ", 1) for line in done.stdout.split("---")[-1].strip().splitlines())
+    runs = [json.loads(line) for line in (lab / ".nightlab/train_runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 1 and runs[0]["status"] == "ok"
+    run_dir = Path(runs[0]["run_dir"])
+    assert {"train.log", "summary.json", "eval.json", "model.pt"} <= {p.name for p in run_dir.iterdir()}
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["status"] == "ok" and ev["causal"] and ev["seq_len"] == 512 and ev["tokens"] <= 60000
+    assert float(summary["val_bpb"]) == pytest.approx(ev["val_bpb"], abs=1e-6)
+    assert summary["corpus_hash"] == ev["corpus_hash"] == runs[0]["corpus_hash"]
+    # Far below a model that knows nothing: log2(vocab) bits per token, spread over the bytes.
+    uniform = math.log2(8192) * ev["tokens"] / ev["bytes"]
+    assert math.isfinite(ev["val_bpb"]) and ev["val_bpb"] < 0.75 * uniform
+    trained = json.loads((run_dir / "summary.json").read_text())
+    assert trained["training_seconds"] >= 40 and trained["num_steps"] > 0 and trained["preset"] == "cpu"
+
+
+def test_init_refuses_a_folder_that_is_not_empty(tmp_path: Path, capsys) -> None:
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "notes.txt").write_text("mine")
+    assert main(["init", str(tmp_path / "lab")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists and is not empty" in err and str(tmp_path / "lab") in err
+    assert [p.name for p in (tmp_path / "lab").iterdir()] == ["notes.txt"]
+
+
+def test_init_writes_a_config_that_loads_back_with_its_settings(tmp_path: Path) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--device", "cpu", "--budget", "45",
+                 "--set", "run.baseline_runs=4"]) == 0
+    conf = cfg.load(tmp_path / "lab")
+    assert conf.lab.device == "cpu" and conf.lab.budget_s == 45 and conf.run.baseline_runs == 4
+    assert conf.lab.eval_seq_len == 512  # the CPU model's context
+    assert "MATRIX_LR" in conf.search.constants and "DEPTH" not in conf.search.constants
+
+
+def test_commands_outside_a_lab_say_how_to_make_one(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["train"], ["prepare"], ["run"]):
+        assert main(command) == 2, command
+        assert "nightlab init" in capsys.readouterr().err
+
+
+def test_train_before_prepare_names_the_command_to_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    assert main(["init", str(tmp_path / "lab"), "--dataset", "pycode:stdlib"]) == 0
+    assert main(["train", "--lab", str(tmp_path / "lab")]) == 2
+    assert "nightlab prepare" in capsys.readouterr().err
+
+
+def test_help_teaches_the_commands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("init", "prepare", "train", "run", "experiment", "replay", "report", "status", "sample", "demo"):
+        assert f"    {command}" in text, command
+    with pytest.raises(SystemExit):
+        main(["init", "--help"])
+    assert "program.md" in capsys.readouterr().out
