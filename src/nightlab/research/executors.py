@@ -3,11 +3,13 @@
 - ``local_workers(devices)``: one worker per GPU of this machine; each trial's processes see only
   their GPU (``CUDA_VISIBLE_DEVICES``) and use ``cuda`` inside it. ``cpu`` workers run tiny
   configs side by side.
-- ``ray_workers(address, count)``: the same runner as Ray tasks that ask for one GPU each on an
-  existing Ray cluster. The experiment's worktree (its train.py at the commit) travels as the
-  task's ``runtime_env`` working directory; the task trains and evaluates on its node and sends
-  the run folder's files back, so the store, the agents and every run folder stay on the head.
-  The prepared dataset must be at the same path on every node (``nightlab prepare`` there, or a
+- ``ray_workers(address, count, lab_dir)``: the same runner as Ray tasks that ask for one GPU
+  each on an existing Ray cluster. The lab's files travel once as the job's ``runtime_env``
+  working directory (Ray uploads a job's folder only when it connects), and each task carries
+  its experiment's worktree files (train.py at the commit) as an argument; the task lays them
+  over the lab's files in a temporary folder, trains and evaluates there, and sends the run
+  folder's files back, so the store, the agents and every run folder stay on the head. The
+  prepared dataset must be at the same path on every node (``nightlab prepare`` there, or a
   shared file system).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,29 +56,31 @@ def _on_device(trainer: Any, device: str, device_env: dict[str, str], workdir: P
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-def ray_workers(address: str, count: int, *, num_gpus: float = 1.0, resources: dict[str, float] | None = None,
-                init_kwargs: dict[str, Any] | None = None) -> list[Worker]:
-    """``count`` workers that run each trial as a Ray task on the cluster at ``address``.
-
-    ``num_gpus`` per task (1 on a GPU cluster; 0 to run on CPU nodes, as the tests do).
+def ray_workers(address: str, count: int, lab_dir: Path, *, num_gpus: float = 1.0,
+                resources: dict[str, float] | None = None, init_kwargs: dict[str, Any] | None = None) -> list[Worker]:
+    """``count`` workers that run each trial as a Ray task on the cluster at ``address`` ("" starts
+    a local instance). ``num_gpus`` per task: 1 on a GPU cluster, 0 on CPU nodes (as the tests do).
     """
     try:
         import ray
     except ImportError:
         raise ImportError("the Ray executor needs Ray: pip install 'nightlab[cluster]'") from None
     if not ray.is_initialized():
-        ray.init(address=address or None, **(init_kwargs or {}))
+        runtime_env = {"working_dir": str(lab_dir), "excludes": [".nightlab/", ".git/", "__pycache__/"]}
+        ray.init(address=address or None, runtime_env=runtime_env, **(init_kwargs or {}))
     options = {"num_gpus": num_gpus, "max_retries": 0, **({"resources": resources} if resources else {})}
-    task = ray.remote(_remote_trial).options(**options)
-    return [Worker(f"ray{k}", functools.partial(_ray_trial, task)) for k in range(count)]
+    task = ray.remote(_remote_trial)
+    return [Worker(f"ray{k}", functools.partial(_ray_trial, task, options)) for k in range(count)]
 
 
-def _ray_trial(task: Any, workdir: Path, run_dir: Path, config: Config, seed: int, *, data_dir: Path,
+def _ray_trial(task: Any, options: dict[str, Any], workdir: Path, run_dir: Path, config: Config, seed: int, *, data_dir: Path,
                on_progress: Any = None, on_stage: Any = None, env: dict[str, str] | None = None) -> TrialResult:
-    """Ship ``workdir`` as the task's working directory, run it there, write the files it sends back."""
+    """Send ``workdir``'s files with the task, run it, write the files it sends back into ``run_dir``."""
     import ray
 
-    ref = task.options(runtime_env={"working_dir": str(workdir)}).remote(config, seed, str(data_dir), env or {})
+    files = {str(p.relative_to(workdir)): p.read_bytes() for p in Path(workdir).rglob("*")
+             if p.is_file() and ".git" not in p.relative_to(workdir).parts and "__pycache__" not in p.parts}
+    ref = task.options(**options).remote(files, config, seed, str(data_dir), env or {})
     result, files = ray.get(ref)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,17 +92,21 @@ def _ray_trial(task: Any, workdir: Path, run_dir: Path, config: Config, seed: in
     return result
 
 
-def _remote_trial(config: Config, seed: int, data_dir: str, env: dict[str, str]) -> tuple[TrialResult, dict]:
-    """On the node: the task's working directory holds train.py; train and evaluate it there.
-
-    Ray sets ``CUDA_VISIBLE_DEVICES`` to the task's GPU, so the runner's ``auto`` device finds it.
-    """
-    workdir = Path(os.getcwd())
-    with tempfile.TemporaryDirectory(prefix="nightlab-run-") as tmp:
-        result = run_trial(workdir, Path(tmp), config, seed, data_dir=Path(data_dir), env=env)
-        files, total = {}, 0
-        for path in sorted(Path(tmp).iterdir()):
+def _remote_trial(files: dict[str, bytes], config: Config, seed: int, data_dir: str,
+                  env: dict[str, str]) -> tuple[TrialResult, dict]:
+    """On the node: the lab's files (the job's working directory) with the experiment's over them,
+    trained and evaluated in a temporary folder. Ray sets ``CUDA_VISIBLE_DEVICES`` to the task's
+    GPU, so the runner's ``auto`` device finds it."""
+    with tempfile.TemporaryDirectory(prefix="nightlab-trial-") as tmp:
+        workdir, run_dir = Path(tmp) / "work", Path(tmp) / "run"
+        shutil.copytree(os.getcwd(), workdir, ignore=shutil.ignore_patterns(".nightlab", ".git"))
+        for name, data in files.items():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / name).write_bytes(data)
+        result = run_trial(workdir, run_dir, config, seed, data_dir=Path(data_dir), env=env)
+        back, total = {}, 0
+        for path in sorted(run_dir.iterdir()):
             if path.is_file() and total + path.stat().st_size <= MAX_RETURNED_BYTES:
-                files[path.name] = path.read_bytes()
-                total += len(files[path.name])
-    return result, files
+                back[path.name] = path.read_bytes()
+                total += len(back[path.name])
+    return result, back
