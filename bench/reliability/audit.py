@@ -124,7 +124,9 @@ def audit(lab_dir: Path, tag: str, *, earlier: Snapshot | None = None, max_trial
                 result.wrong_commit.append(f"#{e.id}: commit {e.commit_sha[:10]}'s parent is {parent[:10]}, "
                                            f"the row says {str(e.parent_commit)[:10]}")
         ref = _git(lab_dir, "rev-parse", "--verify", "--quiet", f"refs/nightlab/exp/{e.id}")
-        if not ref:
+        if not ref and not finished and not e.finished:
+            pass  # killed between the row and its ref: the next start re-creates the ref
+        elif not ref:
             result.lost.append(f"#{e.id}: refs/nightlab/exp/{e.id} is missing")
         elif ref != e.commit_sha:
             result.wrong_commit.append(f"#{e.id}: its ref names {ref[:10]}, the row {e.commit_sha[:10]}")

@@ -175,6 +175,136 @@ def fault_loop(work: Path, data_dir: Path, lock_s: float = 5.0, tmpfs: bool = Fa
     return result
 
 
+CANARY = "sk-canary-3f9d1c7a5e2b4680a1b2"  # a fake API key that must never be written anywhere
+KEY_ENV = "NIGHTLAB_RELIABILITY_KEY"
+GOOD_REPLY = """DESCRIPTION: sharper unigram
+RATIONALE: the unigram should follow the training frequencies.
+
+<<<<<<< SEARCH train.py
+SHARPNESS = 0.5  # exponent on the training unigram frequencies
+=======
+SHARPNESS = 1.0  # exponent on the training unigram frequencies
+>>>>>>> REPLACE
+"""
+
+
+def outage_responses(failed_proposals: int, retries: int) -> tuple[list, list[str]]:
+    """Scripted answers for ``failed_proposals`` failed proposals in turn: 429s, 500s, timeouts (each
+    retried ``retries`` times), garbage and a reply with no edit; then one good reply."""
+    from llm_server import Scripted, chat, error
+
+    kinds = [
+        ("429 Too Many Requests", [error(429, "rate limited", {"retry-after": "0"})] * (retries + 1)),
+        ("500 Internal Server Error", [error(500, "overloaded")] * (retries + 1)),
+        ("timeout", [Scripted(body={}, delay=1.0)] * (retries + 1)),
+        ("garbage body", [Scripted(status=200, body="<html>502 Bad Gateway</html>")]),
+        ("a reply with no edit", [chat("I would try a bigger model. No edit today.")]),
+    ]
+    responses, labels = [], []
+    for i in range(failed_proposals):
+        label, answers = kinds[i % len(kinds)]
+        responses += answers
+        labels.append(label)
+    return responses + [chat(GOOD_REPLY)], labels
+
+
+def real_time_s(failed_proposals: int, retries: int, base_delay: float = 1.0, timeout_s: float = 300.0) -> float:
+    """How long the same outage lasts at the loop's and the api agent's real delays (lower bound)."""
+    from nightlab.research import loop
+
+    backoff = sum(min(loop.MAX_BACKOFF_S, 2.0 ** (k - 1)) for k in range(2, failed_proposals + 1))
+    retry_waits = sum(base_delay * 2 ** a * 0.5 for a in range(retries))
+    per_kind = [retry_waits, retry_waits, retry_waits + (retries + 1) * timeout_s, 0.0, 0.0]
+    return backoff + sum(per_kind[i % 5] for i in range(failed_proposals))
+
+
+def api_outage(work: Path, data_dir: Path, failed_proposals: int = 15, say=print) -> tuple[FaultRun, Path, str]:
+    """The api agent (OpenAI-compatible, canary key) against an outage, time-compressed; returns the
+    run, the lab and the log text the api agent wrote."""
+    import logging
+
+    from llm_server import ScriptedServer
+    from nightlab.config import ApiAgentConfig
+    from nightlab.research import loop
+    from nightlab.research.agents.api import ApiProposer
+
+    started = time.monotonic()
+    retries = 2
+    result = FaultRun()
+    lab_dir = make_lab(work / "lab", lab_toml(baseline_runs=1, confirm_runs=0, policy="greedy"), train_py(SHARPNESS=0.5))
+    responses, labels = outage_responses(failed_proposals, retries)
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(handler.format(record))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # the SDK's and the HTTP client's debug logs included
+    saved_backoff = loop.MAX_BACKOFF_S
+    loop.MAX_BACKOFF_S = 0.05  # time-compressed: the loop waits at most 50 ms between failed proposals
+    try:
+        with ScriptedServer(responses) as server:
+            config = ApiAgentConfig(base_url=server.url + "/v1", model="gpt-4o-mini", api_key_env=KEY_ENV,
+                                    timeout_s=0.3, max_retries=retries)
+            proposer = ApiProposer(config, environ={KEY_ENV: CANARY}, base_delay=0.001, max_delay=0.01)
+            lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: (lines.append(line), say(f"    {line}")))
+            run_loop(lab, proposer, max_experiments=failed_proposals + 1)
+            requests = len(server.requests)
+            auth = {r.headers.get("authorization", "") for r in server.requests}
+    finally:
+        loop.MAX_BACKOFF_S = saved_backoff
+        root.removeHandler(handler)
+        root.setLevel(level)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    result.rows = [Row(label, e.status, e.reason) for label, e in zip(labels, rows)]
+    result.rows += [Row("after the outage: a good reply", e.status, e.reason) for e in rows[len(labels):]]
+    result.continued = bool(rows) and rows[-1].status == "keep"
+    lab.store.close()
+    result.audit = audit(lab_dir, TAG)
+    result.notes.append(f"{requests} requests answered, the key reached the server: {auth == {f'Bearer {CANARY}'}}")
+    result.notes.append(f"the same outage at the real delays: at least {real_time_s(failed_proposals, retries) / 60:.0f} "
+                        f"minutes (loop back-off up to {saved_backoff:g} s, retries 1-2-4 s, 300 s timeouts)")
+    result.seconds = time.monotonic() - started
+    return result, lab_dir, "\n".join(lines)
+
+
+def cli_hang(work: Path, data_dir: Path, timeout_s: float = 1.5, say=print) -> FaultRun:
+    """A coding-agent CLI that hangs with a child, then one that also ignores SIGTERM."""
+    from nightlab.config import CliAgentConfig
+    from nightlab.research.agents.cli import CliProposer
+
+    started = time.monotonic()
+    result = FaultRun()
+    agent = ROOT / "tests" / "fixtures" / "agents" / "standin_agent.py"
+    lab_dir = make_lab(work / "lab", lab_toml(baseline_runs=1, confirm_runs=0, policy="greedy"), train_py(SHARPNESS=0.5))
+    lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: say(f"    {line}"))
+    children = []
+    for n, mode in enumerate(("hang", "stubborn"), start=1):
+        evidence = work / f"{mode}.json"
+        config = CliAgentConfig(preset="custom", command=f"{sys.executable} {agent} {mode} {evidence} {{prompt_file}}",
+                                timeout_s=timeout_s)
+        run_loop(lab, CliProposer(config, kill_grace_s=0.5), max_experiments=n)
+        seen = json.loads(evidence.read_text()) if evidence.exists() else {}
+        children += [seen.get("pid"), seen.get("child")]
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    result.rows = [Row(f"agent CLI that {label}", e.status, e.reason) for label, e in
+                   zip(("hangs (and leaves a child)", "hangs and ignores SIGTERM"), rows)]
+    alive = [pid for pid in children if pid and _alive(pid)]
+    result.notes.append(f"agent processes still alive afterwards: {alive or 'none'}")
+    result.continued = len(rows) == 2
+    lab.store.close()
+    result.audit = audit(lab_dir, TAG)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def table(result: FaultRun) -> str:
     lines = ["| fault | status | reason |", "| --- | --- | --- |"]
     lines += [f"| {r.fault} | {r.status} | {r.reason[:110].replace('|', '/')} |" for r in result.rows]
@@ -194,11 +324,19 @@ def main() -> int:
     args = parser.parse_args()
     from fixtures.standin.helpers import make_dataset
 
+    from reliability.canary import scan
+
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
-        result = fault_loop(Path(tmp), data, lock_s=args.lock_s, tmpfs=args.tmpfs)
-    print(table(result))
-    return 0 if result.audit and result.audit.clean and result.continued else 1
+        results.append(fault_loop(Path(tmp) / "faults", data, lock_s=args.lock_s, tmpfs=args.tmpfs))
+        outage, lab_dir, logs = api_outage(Path(tmp) / "api", data)
+        outage.notes.append(f"canary key found in: {scan(lab_dir, CANARY, {'logs': logs}) or 'nowhere'}")
+        results.append(outage)
+        results.append(cli_hang(Path(tmp) / "cli", data))
+    for result in results:
+        print(table(result) + "\n")
+    return 0 if all(r.audit and r.audit.clean and r.continued for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ Outcomes: ``detected`` (the experiment is refused: crash, timeout or invalid, fo
 own reason), ``harmless`` (it ran, but what it forged was ignored or put right), ``NOT DEFENDED``
 (it gained, or what it forged stays).
 
-Usage: python bench/reliability/gaming.py
+Usage: python bench/reliability/gaming.py [--sandbox bwrap]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -29,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
 from fixtures.standin.helpers import lab_toml, make_lab, open_lab  # noqa: E402
-from nightlab.research.agents.scripted import ScriptedProposer  # noqa: E402
+from nightlab.research.agents.base import Proposal, ProposalError  # noqa: E402
 from nightlab.research.loop import run_loop  # noqa: E402
-from nightlab.research.store import Experiment  # noqa: E402
+from nightlab.research.store import Experiment, Store  # noqa: E402
 from reliability.audit import Audit, audit  # noqa: E402
 from reliability.standins import train_py  # noqa: E402
 
@@ -120,15 +121,28 @@ def _lab_edit(seen: Seen, e: Experiment) -> tuple[str, str]:
 
 
 def _survivor(seen: Seen, e: Experiment) -> tuple[str, str]:
-    pid_file = seen.lab_dir / ".nightlab" / "runs" / str(e.id) / "survivor.pid"
-    pid = int(pid_file.read_text()) if pid_file.exists() else None
-    alive = pid is not None and _alive(pid)
-    if alive:
+    run = seen.lab_dir / ".nightlab" / "runs" / str(e.id)
+    alive = survivors(run)
+    for pid in alive:
         os.kill(pid, signal.SIGKILL)
-        return "NOT DEFENDED", f"{e.status}; pid {pid} outlived the trial (killed by the suite)"
+    if alive:
+        return "NOT DEFENDED", f"{e.status}; pid {alive} outlived the trial (killed by the suite)"
     if e.status in ("crash", "invalid"):
         return "detected", e.reason
-    return "harmless", f"{e.status}; the escaped process was stopped"
+    return "harmless", f"{e.status}; nothing outlived the trial"
+
+
+def survivors(run_dir: Path) -> list[int]:
+    """Live processes started by the survivor attack of the trial in ``run_dir`` (found by command line)."""
+    marker = f"survivor-of:{run_dir.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def _pretimer(seen: Seen, e: Experiment) -> tuple[str, str]:
@@ -185,16 +199,39 @@ def _step(description: str, text: str | None, files: dict[str, str] | None):
     return apply
 
 
-def run_attacks(work: Path, data_dir: Path, attacks: list[Attack] | None = None, say=print) -> tuple[list[Outcome], Audit]:
+class AttackProposer:
+    """Proposes each step once it has no row in the store: a proposal the loop asks again for (it
+    conflicted with a new best) is made again, not skipped."""
+
+    name = "scripted"
+
+    def __init__(self, lab_dir: Path, steps: list[tuple[str, Callable[[Path], str]]]):
+        self.lab_dir, self.steps, self.contexts = lab_dir, steps, []
+
+    def propose(self, context, worktree: Path) -> Proposal:
+        self.contexts.append(context)
+        with Store.open(self.lab_dir) as store:
+            recorded = {e.description for e in store.experiments(TAG)}
+        for description, apply in self.steps:
+            if description not in recorded:
+                return Proposal(apply(worktree), rationale="attack")
+        raise ProposalError("no attack left")
+
+    def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
+        pass
+
+
+def run_attacks(work: Path, data_dir: Path, attacks: list[Attack] | None = None, sandbox: str = "none",
+                say=print) -> tuple[list[Outcome], Audit]:
     attacks = ATTACKS if attacks is None else attacks
-    lab_dir = make_lab(work / "lab", lab_toml(allowance_s=4.0, baseline_runs=1, confirm_runs=0, policy="greedy"),
-                       train_py(SHARPNESS=0.5))
+    toml = lab_toml(allowance_s=8.0, baseline_runs=1, confirm_runs=0, policy="greedy")
+    lab_dir = make_lab(work / "lab", toml.replace("[lab]\n", f'[lab]\nsandbox = "{sandbox}"\n'), train_py(SHARPNESS=0.5))
     before = _lab_files(lab_dir)
-    steps = [_step(HONEST, train_py(SHARPNESS=1.0), None)]
+    steps = [(HONEST, _step(HONEST, train_py(SHARPNESS=1.0), None))]
     for i, a in enumerate(attacks):
-        text = None if a.files else train_py(*a.fragments, **{"SHARPNESS": 1.0, "NOISE": 1e-6 * (i + 1), **a.constants})
-        steps.append(_step(a.name, text, a.files))
-    proposer = ScriptedProposer(steps)
+        text = None if a.files else train_py(*a.fragments, **{"SHARPNESS": 1.0, "NOISE": 0.001 * (i + 1), **a.constants})
+        steps.append((a.name, _step(a.name, text, a.files)))
+    proposer = AttackProposer(lab_dir, steps)
     lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: say(f"    {line}"))
     run_loop(lab, proposer, max_experiments=len(steps))
     rows = {e.description: e for e in lab.experiments()}
@@ -220,10 +257,13 @@ def table(outcomes: list[Outcome]) -> str:
 def main() -> int:
     from fixtures.standin.helpers import make_dataset
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sandbox", default="none", choices=("none", "bwrap"))
+    args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
-        outcomes, check = run_attacks(Path(tmp), data)
+        outcomes, check = run_attacks(Path(tmp), data, sandbox=args.sandbox)
     print(table(outcomes))
     print(f"\naudit: {len(check.breaches())} breaches {check.breaches()}; {time.monotonic() - started:.0f} s")
     return 0 if all(o.outcome != "NOT DEFENDED" for o in outcomes) else 1

@@ -146,7 +146,7 @@ def run_trial(
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
     if config.lab.sandbox == "bwrap":
-        command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir])
+        command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir], readable=[workdir, data_dir])
     evaluation = _run_group(
         command, workdir, env, eval_log, config.lab.eval_timeout_s,
         on_start=lambda pid: on_stage and on_stage("eval", pid),

@@ -75,12 +75,16 @@ def check_available(sandbox: str) -> None:
                            "(or set lab.sandbox = \"none\")")
 
 
-def bwrap(command: list[str], *, cwd: Path, writable: list[Path], data_dir: Path | None = None) -> list[str]:
-    """``command`` run in ``cwd`` under bubblewrap: all read-only but ``writable``; ``data_dir`` without
-    its hidden entries."""
+def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list[Path] = (),
+          data_dir: Path | None = None) -> list[str]:
+    """``command`` run in ``cwd`` under bubblewrap: all read-only but ``writable``, a private ``/tmp``
+    (``readable`` and ``writable`` paths inside it are bound again), ``data_dir`` without its hidden
+    entries."""
     check_available("bwrap")
     args = ["bwrap", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--unshare-pid", "--die-with-parent"]
+    for path in readable:
+        args += ["--ro-bind", str(path), str(path)]
     for path in writable:
         args += ["--bind", str(path), str(path)]
     if data_dir is not None:
@@ -89,9 +93,6 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], data_dir: Path
         for entry in sorted(real.iterdir()):
             if not hidden(entry.name):
                 args += ["--ro-bind", str(entry), str(entry)]
-    for path in writable:  # a writable folder inside /tmp would be hidden by the private /tmp: bind it again
-        if Path(path).resolve().is_relative_to("/tmp"):
-            args += ["--bind", str(path), str(path)]
     return [*args, "--chdir", str(cwd), "--", *command]
 
 
