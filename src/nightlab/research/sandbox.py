@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ HIDDEN_PREFIXES = ("val",)  # dataset entries training never gets
 HIDDEN_NAMES = ("text",)  # the text shards hold the validation documents too
 VIEW_DIR = "data"  # the train-only view, inside the trial's run folder
 UNGUARDED = (".git", ".nightlab", "notes", "__pycache__")  # lab folders a trial's guard does not compare
+KILL_WAIT_S = 5.0  # how long to wait for killed escapees to be gone
 MAX_GUARDED_BYTES = 4 << 20  # lab files larger than this are compared by hash only and not restored
 
 
@@ -100,9 +102,10 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list
 
 
 def escaped(run_dir: Path) -> list[str]:
-    """Kill live processes whose environment has ``NIGHTLAB_OUT=run_dir``; describe each one killed."""
+    """Kill live processes whose environment has ``NIGHTLAB_OUT=run_dir`` (and wait until they are gone);
+    describe each one killed."""
     marker = f"\0NIGHTLAB_OUT={Path(run_dir).resolve()}\0".encode()
-    killed = []
+    killed, pids = [], []
     proc = Path("/proc")
     if not proc.is_dir():
         return killed
@@ -121,7 +124,19 @@ def escaped(run_dir: Path) -> list[str]:
             except ProcessLookupError:
                 continue
             killed.append(f"pid {entry.name} ({command[:80]})")
+            pids.append(int(entry.name))
+    deadline = time.monotonic() + KILL_WAIT_S
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.02)
     return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 # -- the guard around a trial --------------------------------------------------------------------
