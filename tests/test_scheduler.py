@@ -151,3 +151,31 @@ def test_two_cpu_workers_train_real_trials_side_by_side(tmp_path, data_dir):
     assert "sharper" in (lab_dir / "notes" / "findings.md").read_text()
     worktrees = git(lab_dir, "worktree", "list")
     assert "train-cpu0" in worktrees and "train-cpu1" in worktrees and "propose-a" in worktrees
+
+
+@pytest.mark.slow
+def test_nightlab_run_with_an_org_on_two_cpu_devices(tmp_path, data_dir):
+    import json
+
+    from nightlab.cli import main
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),
+                       set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
+    (lab_dir / "org").mkdir()
+    (lab_dir / "org" / "researcher.md").write_text("---\nkind: researcher\nbackend: scripted\n---\nBe careful.\n")
+    (lab_dir / "org" / "reviewer.md").write_text("---\nkind: reviewer\n---\n")
+    (lab_dir / "org" / "lead.md").write_text("---\nkind: lead\nevery: 2\n---\n")
+    git(lab_dir, "add", "-A")
+    git(lab_dir, "commit", "-qm", "org")
+    (lab_dir / ".nightlab").mkdir()
+    steps = [{"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5",
+                                                     "new": "SHARPNESS = 1.0"}]},
+             {"description": "noisy", "replace": [{"file": "train.py", "old": "NOISE = 0.0", "new": "NOISE = 0.5"}]}]
+    (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps(steps))
+    assert main(["run", "--lab", str(lab_dir), "--data", str(data_dir), "--tag", "t", "--devices", "cpu,cpu",
+                 "--max-experiments", "2"]) == 0
+    with Store.open(lab_dir) as store:
+        rows = store.experiments("t")
+    assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("sharper", "keep"), ("noisy", "discard")]
+    assert {e.worker for e in rows[1:]} <= {"cpu0", "cpu1"} and rows[1].review.startswith("approve by reviewer")
+    assert "Written by the lead after 2 experiments" in (lab_dir / "notes" / "agenda.md").read_text()

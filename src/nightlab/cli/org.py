@@ -155,3 +155,43 @@ def _plot(results: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def team_for(lab_dir: Path, config: cfg.Config, args: argparse.Namespace):
+    """The org's agents for ``nightlab run`` (researchers, reviewer, lead), or None when program.md
+    alone runs on one local worker (the plain loop)."""
+    from nightlab.cli import UserError
+    from nightlab.research import org
+
+    try:
+        found = org.load(lab_dir, config)
+        if found.is_default and args.executor == "local" and not args.devices:
+            return None
+        return org.staff(found, config, lab_dir)
+    except org.OrgError as e:
+        raise UserError(f"{e} (check with `nightlab org check`)") from None
+    except (ValueError, ImportError) as e:
+        raise UserError(f"org: {e}") from None
+
+
+def scheduler_for(lab, team, args: argparse.Namespace):
+    """A scheduler for the org's agents on the workers ``--devices`` / ``--executor`` name."""
+    from nightlab.cli import UserError
+    from nightlab.research import executors
+    from nightlab.research.notes import Board
+    from nightlab.research.scheduler import Scheduler
+
+    researchers, reviewer, lead = team
+    lab.reviewer = reviewer
+    try:
+        if args.executor == "ray":
+            workers = executors.ray_workers(args.address, args.workers, lab.dir)
+        elif args.devices:
+            workers = executors.local_workers(args.devices.split(","))
+        else:
+            workers = [executors.Worker("local", lab.trainer)]
+    except (ValueError, ImportError, ConnectionError) as e:
+        raise UserError(str(e)) from None
+    lab.say(f"org: {len(researchers)} researcher(s){', a reviewer' if reviewer else ''}"
+            f"{', a lead' if lead else ''}; workers: {', '.join(w.name for w in workers)}")
+    return Scheduler(lab, researchers, workers, board=Board(lab.dir), lead=lead)

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hours", type=float, metavar="H", help="start no new experiment after H hours")
     p.add_argument("--tag", help="run name, branch nightlab/<tag> (default: today's date)")
     p.add_argument("--resume", action="store_true", help="continue the run named by --tag, else the latest")
+    p.add_argument("--devices", metavar="LIST", help="one experiment per device at once: GPU indices or cpu, "
+                   "e.g. 0,1 (default: one, on lab.device)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (this machine) or ray (an existing Ray cluster, one GPU per trial)")
+    p.add_argument("--address", default="auto", help="Ray cluster address for --executor ray (default: auto)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="trials at once with --executor ray")
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
@@ -141,8 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     lab_dir, config, data_dir = _setup(args, [f'run.agent="{args.agent}"'] if args.agent else [])
     if not args.resume:
         _check_committed(lab_dir, config)
+    from nightlab.cli.org import team_for
+
+    team = team_for(lab_dir, config, args)  # None: program.md alone on one worker, the plain loop
     try:
-        proposer = create(config.run.agent, config, lab_dir)
+        proposer = create(config.run.agent, config, lab_dir) if team is None else team[0][0].proposer
     except (ValueError, ImportError) as e:
         raise UserError(f"agent {config.run.agent!r}: {e}") from None
     from nightlab.report.live import LiveView
@@ -162,11 +171,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             shown = lab.on_progress  # --verbose: train.py's lines as well
             lab.on_progress = (lambda line: (shown(line), view.progress(line))) if shown else view.progress
             view.say(f"run {run.tag} on branch {run.branch} with agent {proposer.name}; Ctrl-C to stop")
+            limits = dict(max_experiments=args.max_experiments if args.max_experiments is not None
+                          else config.run.max_experiments,
+                          hours=args.hours if args.hours is not None else config.run.hours)
             try:
-                run_loop(lab, proposer, stop=stop,
-                         max_experiments=args.max_experiments if args.max_experiments is not None
-                         else config.run.max_experiments,
-                         hours=args.hours if args.hours is not None else config.run.hours)
+                if team is None:
+                    run_loop(lab, proposer, stop=stop, **limits)
+                else:
+                    from nightlab.cli.org import scheduler_for
+
+                    scheduler_for(lab, team, args).run(stop=stop, **limits)
             except BaselineError as e:
                 raise UserError(str(e)) from None
             except KeyboardInterrupt:

@@ -225,3 +225,24 @@ def role_config(role: Role, config: Config) -> Config:
     if role.model:
         return dataclasses.replace(config, api=dataclasses.replace(config.api, model=role.model))
     return config
+
+
+def staff(org: Org, config: Config, lab_dir: Path) -> tuple[list[Any], Any, Any]:
+    """The agents of ``org``: (scheduler researchers, the reviewer or None, the lead or None)."""
+    from nightlab.research import agents, lead, reviewer
+    from nightlab.research.scheduler import Researcher
+
+    program = (Path(lab_dir) / "program.md").read_text() if (Path(lab_dir) / "program.md").exists() else ""
+    researchers = []
+    for role in org.researchers:
+        for name in role.instances():
+            if role.backend == "simulated":
+                from nightlab.research.simulate import SimulatedResearcher
+
+                proposer: Any = SimulatedResearcher(name=name, seed=config.lab.seed + len(researchers))
+            else:
+                proposer = agents.create(role.backend, role_config(role, config), lab_dir)
+            researchers.append(Researcher(name, proposer, brief(role, program), role.edits))
+    judge = reviewer.create(org.reviewer, config) if org.reviewer else None
+    leader = lead.create(org.lead, config) if org.lead else None
+    return researchers, judge, leader
