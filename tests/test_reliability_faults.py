@@ -103,3 +103,29 @@ def test_canary_scan_finds_a_key_in_files_git_objects_and_logs(tmp_path):
     assert "leak.txt" not in found  # gone from the checkout...
     assert "git log -p --all" in found and any(f.startswith("git objects") for f in found)  # ...not from history
     assert "logs" in found and "clean" not in found
+
+
+def test_a_kill_between_the_run_row_and_its_branch_is_resumable(tmp_path, data_dir):
+    import types
+
+    from fixtures.standin.helpers import git, lab_toml, make_lab, open_lab
+    from nightlab.config import load
+    from nightlab.research import git as real_git
+    from nightlab.research.experiment import recover
+    from nightlab.research.loop import start_run
+    from nightlab.research.store import Store
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml())
+    dying = types.SimpleNamespace(**{n: getattr(real_git, n) for n in dir(real_git) if not n.startswith("__")})
+    dying.set_branch = killed
+    with Store.open(lab_dir) as store, pytest.raises(Killed):
+        start_run(lab_dir, store, load(lab_dir), "scripted", "t", False, vcs=dying)
+    lab = open_lab(lab_dir, data_dir, tag="t", resume=True)  # `nightlab run --resume --tag t`
+    recover(lab)
+    assert git(lab_dir, "rev-parse", "nightlab/t") == git(lab_dir, "rev-parse", "HEAD") == lab.run.base_commit

@@ -82,8 +82,9 @@ def start_run(lab_dir: Path, store: Store, config: Config, agent: str, tag: str,
     base = vcs.resolve(lab_dir, "HEAD")
     if base is None:
         raise LookupError(f"{lab_dir} has no commit yet; commit train.py first")
-    vcs.set_branch(lab_dir, branch, base)
-    return store.add_run(tag, branch, base, agent, dumps(config))
+    run = store.add_run(tag, branch, base, agent, dumps(config))  # first: a kill before the branch exists is
+    vcs.set_branch(lab_dir, branch, base)  # mended by `--resume` (recover moves the branch to the best)
+    return run
 
 
 def _free_tag(lab_dir: Path, store: Store, base: str, vcs=git) -> str:
