@@ -129,3 +129,21 @@ def test_a_kill_between_the_run_row_and_its_branch_is_resumable(tmp_path, data_d
     lab = open_lab(lab_dir, data_dir, tag="t", resume=True)  # `nightlab run --resume --tag t`
     recover(lab)
     assert git(lab_dir, "rev-parse", "nightlab/t") == git(lab_dir, "rev-parse", "HEAD") == lab.run.base_commit
+
+
+def test_a_crash_on_a_really_full_disk_says_the_disk_is_full(tmp_path, data_dir):
+    from nightlab.config import Config
+    from nightlab.research.runner import run_trial
+    from reliability.standins import train_py
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text(train_py("fault_disk_full", SHARPNESS=1.0))
+    config = Config().with_overrides(["lab.budget_s=0.5", "lab.device='cpu'", "lab.eval_timeout_s=60"])
+    with faults.small_disk(tmp_path / "disk", size="1m") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        result = run_trial(work, tmp_path / "disk" / "run", config, 0, data_dir=data_dir)
+    assert result.status == "crash"
+    assert "disk full after" in result.log_tail  # the fragment filled a real file system
+    assert f"(the disk holding {tmp_path / 'disk' / 'run'} is full:" in result.reason

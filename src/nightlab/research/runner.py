@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 TERM_GRACE_S = 10.0  # SIGTERM first; SIGKILL the group if it is still there after this
 LOG_TAIL_LINES = 50
 POLL_S = 0.1
+DISK_FULL_BYTES = 1 << 20  # less free space than this after a crash: say the disk is full
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def run_trial(
         return _done(started, status="timeout", reason=f"training passed the hard cap of {cap:g} s and was stopped",
                      error=log_tail, **base)
     if train.returncode != 0:
-        return _done(started, status="crash", reason=_exit_reason(train.returncode, log_tail),
+        return _done(started, status="crash", reason=_exit_reason(train.returncode, log_tail) + _disk_full(run_dir),
                      error=_traceback(log_tail), **base)
     if _is_nan(summary.get("val_bpb")) or _is_nan(summary.get("train_loss")):
         return _done(started, status="crash", reason="NaN: training diverged", error=log_tail, **base)
@@ -174,6 +176,15 @@ def _judge(evaluation: _Stage, report: dict[str, Any], eval_log: Path, timeout_s
     if _is_nan(val_bpb) or not isinstance(val_bpb, (int, float)):
         return dict(status="crash", reason=f"NaN: val_bpb is {val_bpb}", val_bpb=None, error=eval_tail)
     return dict(status="ok", val_bpb=float(val_bpb))
+
+
+def _disk_full(run_dir: Path) -> str:
+    """A note for a crash on a full disk, whose own message (torch's, say) may not say so."""
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return ""
+    return f" (the disk holding {run_dir} is full: {free >> 10} KiB free)" if free < DISK_FULL_BYTES else ""
 
 
 def _escaped_reason(who: str, escaped: list[str]) -> str:
