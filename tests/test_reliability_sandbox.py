@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,29 @@ def test_sandbox_setting_is_validated():
         Config().with_overrides(["lab.sandbox='docker'"])
     with pytest.raises(sandbox.SandboxError, match="choose one of none, bwrap"):
         sandbox.check_available("firejail")
+
+
+@needs_bwrap
+def test_a_cli_agent_runs_under_bwrap_through_its_command_template(tmp_path):
+    from nightlab.config import CliAgentConfig
+    from nightlab.research.agents.base import Context
+    from nightlab.research.agents.cli import CliProposer, render
+
+    agent = ROOT / "tests" / "fixtures" / "agents" / "standin_agent.py"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text("LR = 0.01  # learning rate\n")
+    template = (f"bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind {{workdir}} {{workdir}} "
+                f"--bind {{tmpdir}} {{tmpdir}} --unshare-pid --die-with-parent --chdir {{workdir}} "
+                f"{sys.executable} {agent} describe {{tmpdir}}/evidence.json {{prompt_file}}")
+    proposal = CliProposer(CliAgentConfig(preset="custom", command=template, timeout_s=30)).propose(
+        Context(program="p", best_source={"train.py": ""}, history=""), work)
+    assert proposal.description == "double the learning rate"
+    assert (work / "train.py").read_text() == "LR = 0.02  # learning rate\n"
+    with tempfile.TemporaryDirectory(dir=Path.home()) as home:  # outside /tmp, which the sandbox replaces
+        lab_file = Path(home) / "program.md"
+        lab_file.write_text("the brief\n")
+        argv = render(template, prompt="", prompt_file=tmp_path / "p", workdir=work, tmpdir=tmp_path, files=())
+        done = subprocess.run([*argv[:-5], "sh", "-c", f"echo x >> {lab_file}"], capture_output=True, text=True)
+        assert done.returncode != 0 and "Read-only file system" in done.stderr, done.stderr  # the lab stays read-only
+        assert lab_file.read_text() == "the brief\n"

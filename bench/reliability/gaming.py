@@ -261,7 +261,9 @@ def main() -> int:
     parser.add_argument("--sandbox", default="none", choices=("none", "bwrap"))
     args = parser.parse_args()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
+    # Not under /tmp: bubblewrap gives the trial a private /tmp, which would hide the whole lab from it
+    # instead of showing it read-only as it is for a lab in a home folder.
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         data = make_dataset(Path(tmp) / "data")
         outcomes, check = run_attacks(Path(tmp), data, sandbox=args.sandbox)
     print(table(outcomes))

@@ -78,12 +78,14 @@ def _state(lab_dir: Path) -> tuple[int, tuple[str, ...], int]:
 
 def _wait_for(event: str, lab_dir: Path, proc: subprocess.Popen, timeout: float) -> bool:
     """Poll the store every few milliseconds until ``event`` happens; False if it did not in time."""
-    rows, _, finished = _state(lab_dir)
+    rows, first_stages, finished = _state(lab_dir)  # a row left in a stage by the last kill does not count
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         now_rows, stages, now_finished = _state(lab_dir)
-        if ((event == "new row" and now_rows > rows) or (event == "stage eval" and "eval" in stages)
-                or (event == "stage judge" and "judge" in stages) or (event == "verdict" and now_finished > finished)):
+        moved = stages != first_stages
+        if ((event == "new row" and now_rows > rows) or (event == "stage eval" and moved and "eval" in stages)
+                or (event == "stage judge" and moved and "judge" in stages)
+                or (event == "verdict" and now_finished > finished)):
             return True
         time.sleep(0.003)
     return False
