@@ -86,6 +86,17 @@ def test_a_stale_win_that_no_longer_applies_goes_back_to_its_author(tmp_path):
     assert context(lab, agent=next(e for e in rows if e.status == "keep").agent).last_error == ""
 
 
+def test_the_same_win_twice_is_not_measured_again(tmp_path):
+    lab = _simulated_lab(tmp_path)
+    researchers = _two_researchers(constant_step("deeper", "DEPTH", 12), constant_step("deeper too", "DEPTH", 12))
+    scheduler = Scheduler(lab, researchers, _workers(lab, 2))
+    scheduler.run(max_experiments=2)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert len(rows) == 2 and scheduler.tally.reapplied == 0 and scheduler.tally.rows == 2
+    second = next(e for e in rows if e.status == "discard")
+    assert "already holds the change" in second.reason
+
+
 def test_claims_keep_two_researchers_off_the_same_agenda_item(tmp_path):
     lab = _simulated_lab(tmp_path, seconds=0.2)
     board = Board(lab.dir)

@@ -361,11 +361,11 @@ def reapply(lab: Lab, exp: Experiment, verdict: policy.Verdict) -> Experiment:
         reason = (f"{CONFLICT} beat its parent ({verdict.reason}) but does not apply on the new best #{best.id} "
                   f"({best.description}); propose it again on top of the best")
         return _finish(lab, exp, "discard", reason)
+    if not lab.git.changed_files(work):
+        return _finish(lab, exp, "discard", f"beat its parent, but the new best #{best.id} already holds the change")
     again = admit(lab, work, best.commit_sha or lab.run.base_commit,
                   Proposal(exp.description, f"re-applied from #{exp.id} on top of #{best.id}", 0.0, 0, 0),
                   exp.agent, origin_id=exp.id, claim=exp.claim)
-    if again.commit_sha is None:  # the best already holds this change
-        return _finish(lab, exp, "discard", f"beat its parent, but the new best #{best.id} already holds the change")
     return _finish(lab, exp, "discard", f"superseded: beat its parent ({verdict.reason}); the best moved to "
                                         f"#{best.id}, so it is measured again on top of it as #{again.id}")
 
