@@ -38,10 +38,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_preset(preset: str, device: str) -> str:
-    """``auto`` picks the tiny ``cpu`` model on a CPU and the full ``gpu`` model on a GPU."""
+    """``auto`` picks the full ``gpu`` model on CUDA and the tiny ``cpu`` model anywhere else."""
     if preset != "auto":
         return preset
-    return "cpu" if device == "cpu" else "gpu"
+    return "gpu" if device.startswith("cuda") else "cpu"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import Config
+from nightlab.lab.session import resolve_device, resolve_preset  # noqa: F401 (the runner's API too)
 from nightlab.research import sandbox
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
@@ -52,20 +53,6 @@ class _Stage:
     returncode: int | None  # None: stopped at the cap
     seconds: float
 
-
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; anything else is kept."""
-    if device != "auto":
-        return device
-    import torch  # lazily: resolving a device is the only reason the runner needs torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_preset(preset: str, device: str) -> str:
-    if preset != "auto":
-        return preset
-    return "gpu" if device.startswith("cuda") else "cpu"
 
 
 def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: str, preset: str) -> dict[str, str]:
