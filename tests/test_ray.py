@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
+from fixtures.standin.helpers import (
+    STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant,
+)
 from nightlab.research.agents.scripted import ScriptedProposer
 from nightlab.research.scheduler import Researcher, Scheduler
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
+from fixtures.standin.helpers import (
+    STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant,
+)
 from nightlab.config import load
 from nightlab.research.agents.scripted import ScriptedProposer
 from nightlab.research.executors import local_workers
@@ -69,7 +71,8 @@ def test_two_wins_from_one_parent_the_second_is_measured_again_on_the_new_best(t
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
     # Each author was told the outcome of its own proposal.
     told = {r.name: [(o.description, o.status) for o in r.proposer.observations] for r in researchers}
-    assert told[stale.agent] == [(stale.description, "discard")] and told[winner.agent] == [(winner.description, "keep")]
+    assert told[stale.agent] == [(stale.description, "discard")]
+    assert told[winner.agent] == [(winner.description, "keep")]
 
 
 def test_a_stale_win_that_no_longer_applies_goes_back_to_its_author(tmp_path):
@@ -187,6 +190,7 @@ def test_nightlab_run_with_an_org_on_two_cpu_devices(tmp_path, data_dir):
                  "--max-experiments", "2"]) == 0
     with Store.open(lab_dir) as store:
         rows = store.experiments("t")
-    assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("sharper", "keep"), ("noisy", "discard")]
+    assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("sharper", "keep"),
+                                                         ("noisy", "discard")]
     assert {e.worker for e in rows[1:]} <= {"cpu0", "cpu1"} and rows[1].review.startswith("approve by reviewer")
     assert "Written by the lead after 2 experiments" in (lab_dir / "notes" / "agenda.md").read_text()

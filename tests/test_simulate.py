@@ -19,10 +19,12 @@ TEMPLATE_ORG = Path(simulate.__file__).resolve().parents[1] / "template" / "org"
 SOURCE = "DEPTH = 8  # layers\nASPECT_RATIO = 64  # width\nMATRIX_LR = 0.04  # lr\nWARMUP = 0.5  # share\n"
 
 
-def _org(tmp_path: Path, researchers: int, backend: str = "simulated", reviewer: bool = True, lead: bool = True) -> Path:
+def _org(tmp_path: Path, researchers: int, backend: str = "simulated", reviewer: bool = True,
+         lead: bool = True) -> Path:
     org = tmp_path / f"org-{researchers}-{backend}-{reviewer}-{lead}"
     org.mkdir()
-    (org / "researcher.md").write_text(f"---\nname: r\nkind: researcher\nbackend: {backend}\ncount: {researchers}\n---\n")
+    front = f"name: r\nkind: researcher\nbackend: {backend}\ncount: {researchers}"
+    (org / "researcher.md").write_text(f"---\n{front}\n---\n")
     if reviewer:
         shutil.copy(TEMPLATE_ORG / "reviewer.md", org)
     if lead:
@@ -73,11 +75,13 @@ def test_memory_git_commits_moves_changes_and_reports_conflicts(tmp_path):
     b = vcs.worktree(lab, "b", base)
     (b / "train.py").write_text(SOURCE.replace("WARMUP = 0.5", "WARMUP = 0.1"))
     assert vcs.move_changes(b, deeper)
-    assert (b / "train.py").read_text() == SOURCE.replace("DEPTH = 8", "DEPTH = 9").replace("WARMUP = 0.5", "WARMUP = 0.1")
+    both = SOURCE.replace("DEPTH = 8", "DEPTH = 9").replace("WARMUP = 0.5", "WARMUP = 0.1")
+    assert (b / "train.py").read_text() == both
     c = vcs.worktree(lab, "c", base)
     (c / "train.py").write_text(SOURCE.replace("DEPTH = 8", "DEPTH = 12"))
     assert not vcs.move_changes(c, deeper) and vcs.changed_files(c) == []
-    assert merge3("a\nb\n", "a\nb\n", "a\nB\n") == "a\nB\n" and merge3("a\nb\nc\n", "A\nb\nc\n", "a\nb\nC\n") == "A\nb\nC\n"
+    assert merge3("a\nb\n", "a\nb\n", "a\nB\n") == "a\nB\n"
+    assert merge3("a\nb\nc\n", "A\nb\nc\n", "a\nb\nC\n") == "A\nb\nC\n"
 
 
 def test_simulated_researcher_follows_its_claim_and_avoids_failed_moves(tmp_path):

@@ -73,7 +73,8 @@ def ray_workers(address: str, count: int, lab_dir: Path, *, num_gpus: float = 1.
     return [Worker(f"ray{k}", functools.partial(_ray_trial, task, options)) for k in range(count)]
 
 
-def _ray_trial(task: Any, options: dict[str, Any], workdir: Path, run_dir: Path, config: Config, seed: int, *, data_dir: Path,
+def _ray_trial(task: Any, options: dict[str, Any], workdir: Path, run_dir: Path, config: Config, seed: int, *,
+               data_dir: Path,
                on_progress: Any = None, on_stage: Any = None, env: dict[str, str] | None = None) -> TrialResult:
     """Send ``workdir``'s files with the task, run it, write the files it sends back into ``run_dir``."""
     import ray

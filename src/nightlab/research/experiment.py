@@ -339,7 +339,8 @@ def conclude(lab: Lab, exp: Experiment) -> Experiment:
         said = lab.reviewer(lab, judged, reference)
         review = said.text()
         if not said.approve:
-            verdict = policy.Verdict("discard", f"vetoed by {said.reviewer}: {said.reason} (measured: {verdict.reason})")
+            why = f"vetoed by {said.reviewer}: {said.reason} (measured: {verdict.reason})"
+            verdict = policy.Verdict("discard", why)
     exp = _finish(lab, exp, verdict.decision, verdict.reason, review=review)
     if exp.status == "keep":
         _save_best(lab, exp)

@@ -217,7 +217,9 @@ def brief(role: Role, program: str) -> str:
     """What a researcher of ``role`` is told: program.md, then its role's instructions."""
     if not role.instructions:
         return program
-    return f"{program.rstrip()}\n\n## Your role: {role.name}\n\n{role.instructions}\n" if program.strip() else role.instructions
+    if not program.strip():
+        return role.instructions
+    return f"{program.rstrip()}\n\n## Your role: {role.name}\n\n{role.instructions}\n"
 
 
 def role_config(role: Role, config: Config) -> Config:

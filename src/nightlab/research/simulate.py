@@ -491,8 +491,8 @@ def run(label: str, lab_dir: Path, *, org_dir: Path | None = None, overrides: Se
     researchers = []
     for role in org.researchers:
         for k, name in enumerate(role.instances()):
-            researchers.append(Researcher(name, _proposer(role.backend, name, config, seed * 1000 + k + len(researchers)),
-                                          org_mod.brief(role, program), role.edits))
+            proposer = _proposer(role.backend, name, config, seed * 1000 + k + len(researchers))
+            researchers.append(Researcher(name, proposer, org_mod.brief(role, program), role.edits))
     lead = lead_mod.StatsLead(org.lead.name, org.lead.every) if org.lead is not None else None
     pool = [Worker(f"sim{k}", trainer) for k in range(workers)]
     scheduler = Scheduler(lab, researchers, pool, board=Board(lab_dir), lead=lead)
