@@ -19,6 +19,7 @@ from nightlab.research.migrations import STATUSES, migrate
 
 STORE_FILE = "store.db"
 FINISHED = ("keep", "discard", "crash", "timeout", "invalid")
+BUSY_TIMEOUT_S = 600.0  # wait this long for another connection's lock: a late write beats a lost result
 JUDGED_KINDS = ("first", "baseline", "confirm")  # measurements the policy averages; replays are not
 
 
@@ -105,7 +106,7 @@ class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
