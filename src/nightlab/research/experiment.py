@@ -13,6 +13,7 @@ verdict in the row → branch tip (behind the last keep: moved there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -267,7 +268,7 @@ def next_trial(lab: Lab, exp: Experiment) -> Trial | None:
 def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
     """Run one trial with ``lab.trainer`` in the ``train`` worktree and record it."""
     work, run_dir = start_trial(lab, exp, trial)
-    guard = sandbox.Guard.take(lab.dir, lab.store.path, exp.id) if _runs_processes(lab.trainer) else None
+    guard = sandbox.Guard.take(lab.dir, lab.store.path, exp.id) if runs_processes(lab.trainer) else None
     result = lab.trainer(work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=lab.on_progress,
                          on_stage=lambda stage, pgid: lab.store.update(exp.id, stage=stage, pgid=pgid))
     if guard is not None and (touched := guard.check()):
@@ -277,9 +278,14 @@ def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
     return result
 
 
-def _runs_processes(trainer: Trainer) -> bool:
-    """Whether ``trainer`` runs train.py as real processes on this machine (not a simulation)."""
-    return trainer is run_trial or getattr(trainer, "func", None) is run_trial
+def runs_processes(trainer: Trainer) -> bool:
+    """Whether ``trainer`` runs train.py as real processes on this machine (not a simulation): the
+    runner itself, or the runner wrapped in partials (a local worker's device binding)."""
+    while isinstance(trainer, functools.partial):
+        if run_trial in (trainer.func, *trainer.args):
+            return True
+        trainer = trainer.func
+    return trainer is run_trial
 
 
 def trial_dir(lab: Lab, trial: Trial) -> Path:

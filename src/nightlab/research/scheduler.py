@@ -34,9 +34,10 @@ from typing import Any
 
 from nightlab.research.agents.base import Proposal, ProposalError, Proposer
 from nightlab.research.experiment import (
-    Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial, record_trial,
-    recover, start_trial,
+    Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial,
+    record_trial, recover, runs_processes, start_trial,
 )
+from nightlab.research import sandbox
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult
 from nightlab.research.store import Experiment
@@ -95,6 +96,7 @@ class Scheduler:
         self.since_lead = 0
         self.done: list[Experiment] = []
         self._next_researcher = 0
+        self.guards: dict[tuple[int, int], sandbox.Guard] = {}  # (experiment, seed) -> what its trial must leave
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -243,6 +245,8 @@ class Scheduler:
         lab = self.lab
         exp = lab.store.get(exp_id)
         work, run_dir = start_trial(lab, exp, trial, worker.name)
+        if runs_processes(worker.trainer):  # real train.py processes: check what they leave behind
+            self.guards[exp_id, trial.seed] = sandbox.Guard.take(lab.dir, lab.store.path, exp_id)
         progress = lab.on_progress
         on_progress = (lambda line: progress(f"[{worker.name}] {line}")) if progress else None
         future = self.pool.submit(
@@ -259,6 +263,10 @@ class Scheduler:
             result = future.result()
         except Exception as e:  # noqa: BLE001 -- an executor failure is this trial's crash
             result = TrialResult("crash", reason=f"worker {worker.name} failed: {type(e).__name__}: {e}", error=str(e))
+        guard = self.guards.pop((exp_id, trial.seed), None)
+        if guard is not None and (touched := guard.check()):
+            result = dataclasses.replace(result, status="invalid", val_bpb=None,
+                                         reason=f"the trial changed the lab outside its run folder: {'; '.join(touched)}")
         exp = lab.store.get(exp_id)
         record_trial(lab, exp, trial, result)
         following = next_trial(lab, exp)
