@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"), help="lab folder (default ./nightlab-demo)")
     p.add_argument("--experiments", type=int, default=4, help="experiments after the baseline runs (default 4)")
-    p.add_argument("--budget", type=float, default=30, help="training seconds per experiment (default 30)")
+    p.add_argument("--budget", type=float, default=20, help="training seconds per experiment (default 20)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -227,6 +227,7 @@ DEMO_SETTINGS = (
     'lab.device="cpu"',
     "lab.eval_seq_len=512",
     "run.baseline_runs=2",
+    "run.confirm_runs=1",  # a short demo: one confirmation seed for a close call
     'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY"]',
 )
 
