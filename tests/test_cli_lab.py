@@ -106,3 +106,18 @@ def test_help_teaches_the_commands(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["init", "--help"])
     assert "program.md" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_runs_a_short_night_and_says_where_the_results_are(tmp_path: Path) -> None:
+    done = nightlab("demo", "night", "--experiments", "1", "--budget", "5", cwd=tmp_path, home=tmp_path / "home")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = tmp_path / "night" / ".nightlab" / "results.tsv"
+    rows = [line.split("\t") for line in results.read_text().splitlines()]
+    assert rows[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert rows[1][4] == "baseline" and len(rows) >= 3  # the baseline, then the search agent's edit
+    assert rows[2][4].startswith("search: ") and rows[2][3] in ("keep", "discard", "crash", "invalid")
+    assert f"results: {Path('night') / '.nightlab' / 'results.tsv'}" in done.stdout
+    assert "nightlab report --open" in done.stdout
+    conf = cfg.load(tmp_path / "night")
+    assert conf.lab.dataset == "pycode:stdlib" and conf.lab.device == "cpu"
