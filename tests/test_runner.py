@@ -130,3 +130,18 @@ def test_env_contract_resolves_auto_device_in_the_runner(tmp_path, data_dir):
     assert float(env["NIGHTLAB_BUDGET_S"]) == 300.0 and env["NIGHTLAB_OUT"] == str(tmp_path)
     assert runner.resolve_preset("auto", "cuda:1") == "gpu" and runner.resolve_preset("auto", "cpu") == "cpu"
     assert os.environ.get("NIGHTLAB_OUT") is None
+
+
+def test_train_py_never_sees_an_api_key(monkeypatch, tmp_path):
+    from nightlab.config import ApiAgentConfig, Config
+    from nightlab.research.runner import train_env
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-1")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-canary-2")
+    monkeypatch.setenv("LAB_LLM_CREDENTIAL", "sk-canary-3")
+    monkeypatch.setenv("HF_TOKEN", "hf-canary-4")
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    config = Config(api=ApiAgentConfig(api_key_env="LAB_LLM_CREDENTIAL"))
+    env = train_env(config, tmp_path, tmp_path, 0, "cpu", "cpu")
+    assert not any("canary" in value for value in env.values())
+    assert env["SOME_SETTING"] == "kept" and env["PATH"] == os.environ["PATH"]

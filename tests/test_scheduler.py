@@ -217,3 +217,29 @@ def test_a_trial_that_edits_the_lab_is_invalid_and_undone_on_the_scheduler_path(
     assert row.status == "invalid" and "changed program.md (restored)" in row.reason
     assert (lab_dir / "program.md").read_text() == "Make val_bpb lower.\n"
     assert lab.best_commit() == lab.run.base_commit
+
+
+def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path, monkeypatch):
+    import nightlab.research.scheduler as scheduler_module
+
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    real_start = scheduler_module.start_trial
+    calls = []
+
+    def failing_once(lab_, exp, trial, worker=None):
+        calls.append(exp.id)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_start(lab_, exp, trial, worker)
+
+    monkeypatch.setattr(scheduler_module, "start_trial", failing_once)
+
+    class DeafProposer(ScriptedProposer):
+        def observe(self, proposal, status, val_bpb):
+            raise RuntimeError("study database is locked")
+
+    steps = [constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02)]
+    Scheduler(lab, [Researcher("a", DeafProposer(steps))], _workers(lab, 1)).run(max_experiments=2)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert [e.status for e in rows][0] == "crash" and "No space left on device" in rows[0].reason
+    assert len(rows) == 2 and rows[1].status in ("keep", "discard")  # the night went on

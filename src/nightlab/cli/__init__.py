@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"nightlab: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a git or sandbox failure the user can act on: one line, not a traceback
+        from nightlab.research.git import GitError
+        from nightlab.research.sandbox import SandboxError
+
+        if not isinstance(e, (GitError, SandboxError)):
+            raise
+        print(f"nightlab: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("nightlab: interrupted", file=sys.stderr)
         return 130

@@ -278,6 +278,14 @@ def run(lab: Lab, exp: Experiment, trial: Trial) -> TrialResult:
     return result
 
 
+def observe(lab: Lab, proposer: Any, proposal: Proposal, exp: Experiment) -> None:
+    """Tell ``proposer`` how its proposal did; a proposer that fails to listen is reported, not fatal."""
+    try:
+        proposer.observe(proposal, exp.status, exp.val_bpb)
+    except Exception as e:  # noqa: BLE001 -- e.g. the search agent's study database is locked
+        lab.say(f"agent {getattr(proposer, 'name', '?')}: could not record the outcome of #{exp.id}: {e}")
+
+
 def runs_processes(trainer: Trainer) -> bool:
     """Whether ``trainer`` runs train.py as real processes on this machine (not a simulation): the
     runner itself, or the runner wrapped in partials (a local worker's device binding)."""
@@ -419,7 +427,7 @@ def _save_best(lab: Lab, exp: Experiment) -> None:
         text = lab.git.read_file(lab.dir, exp.commit_sha or "", name)
         if text is not None:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text + "\n")
+            (tmp / name).write_text(text)
     (tmp / "experiment.txt").write_text(f"{exp.id}\t{exp.commit_sha}\t{exp.val_bpb}\t{exp.description}\n")
     old = state_dir(lab.dir) / f".best.{os.getpid()}.old"
     if best.exists():

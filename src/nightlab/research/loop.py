@@ -20,7 +20,9 @@ from nightlab.config import Config, dumps
 from nightlab.paths import state_dir
 from nightlab.research import git
 from nightlab.research.agents.base import Context, Proposal, ProposalError, Proposer
-from nightlab.research.experiment import Lab, admit, context, execute, invalid_proposal, measure_baseline, recover
+from nightlab.research.experiment import (
+    Lab, admit, context, execute, invalid_proposal, measure_baseline, observe, recover,
+)
 from nightlab.research.store import Experiment, Run, Store, now
 
 PROPOSE_WORKTREE = "propose"
@@ -124,7 +126,7 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
         if prepared is None:
             break
         if previous:
-            proposer.observe(previous[0], previous[1].status, previous[1].val_bpb)
+            observe(lab, proposer, *previous)
             previous = None
         best = lab.best_commit()
         work = state_dir(lab.dir) / "worktrees" / PROPOSE_WORKTREE
@@ -150,7 +152,7 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
         if pending is not None and not more():
             pending = None
     if previous:
-        proposer.observe(previous[0], previous[1].status, previous[1].val_bpb)
+        observe(lab, proposer, *previous)
     return done
 
 

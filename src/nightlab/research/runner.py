@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import Config
-from nightlab.lab.session import resolve_device, resolve_preset  # noqa: F401 (the runner's API too)
+from nightlab.lab.session import resolve_device, resolve_preset
 from nightlab.research import sandbox
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
@@ -55,9 +55,16 @@ class _Stage:
 
 
 
+def is_secret(name: str, config: Config) -> bool:
+    """An environment variable that holds a key: the configured one, the SDKs' defaults, any *_API_KEY."""
+    upper = name.upper()
+    return (name == config.api.api_key_env or upper in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+            or upper.endswith(("_API_KEY", "_TOKEN", "_SECRET")))
+
+
 def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: str, preset: str) -> dict[str, str]:
-    """The environment contract of ``train.py`` (docs/architecture.md)."""
-    env = dict(os.environ)
+    """The environment contract of ``train.py`` (docs/architecture.md), without the agents' API keys."""
+    env = {k: v for k, v in os.environ.items() if not is_secret(k, config)}
     env.update(
         NIGHTLAB_DATA=str(data_dir),
         NIGHTLAB_OUT=str(run_dir),
@@ -202,11 +209,11 @@ def _run_group(
             command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    if on_start:
-        on_start(proc.pid)
     follower = _LogFollower(log_path, on_line)
     returncode: int | None = None
     try:
+        if on_start:
+            on_start(proc.pid)
         while True:
             try:
                 returncode = proc.wait(timeout=POLL_S)

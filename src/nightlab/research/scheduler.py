@@ -35,12 +35,12 @@ from typing import Any
 from nightlab.research.agents.base import Proposal, ProposalError, Proposer
 from nightlab.research.experiment import (
     Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial,
-    record_trial, recover, runs_processes, start_trial,
+    observe, record_trial, recover, runs_processes, start_trial,
 )
 from nightlab.research import sandbox
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult
-from nightlab.research.store import Experiment
+from nightlab.research.store import Experiment, now
 
 POLL_S = 0.2
 
@@ -132,7 +132,11 @@ class Scheduler:
             while True:
                 if not stop.is_set():
                     while self.idle and self.ready:
-                        self._start(self.idle.pop(0), *self.ready.popleft())
+                        worker, (exp_id, trial) = self.idle.pop(0), self.ready.popleft()
+                        try:
+                            self._start(worker, exp_id, trial)
+                        except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
+                            self._failed(("trial", worker, exp_id, trial, None), e)
                 while more() and len(self.ready) + self.asked < len(self.idle) + self.lookahead:
                     researcher = self._free_researcher()
                     if researcher is None:
@@ -151,13 +155,31 @@ class Scheduler:
                     continue
                 waited += time.monotonic() - t
                 before = self.tally.rows
-                self._handle(event)
+                try:
+                    self._handle(event)
+                except Exception as e:  # noqa: BLE001 -- e.g. a full disk or a git failure in one experiment
+                    self._failed(event, e)
                 counted += self.tally.rows - before
         self.tally.wall_s = time.monotonic() - started
         self.tally.orchestrator_s = self.tally.wall_s - waited
         for researcher in self.researchers:
             self._tell(researcher)
         return self.done
+
+    def _failed(self, event: tuple, error: Exception) -> None:
+        """Record an unexpected error of one event: its experiment crashes, its worker is free again."""
+        reason = f"nightlab error: {type(error).__name__}: {error}"
+        self.lab.say(f"{event[0]} failed: {reason}")
+        if event[0] == "trial":
+            worker, exp_id = event[1], event[2]
+            self.guards.pop((exp_id, event[3].seed), None)
+            if worker not in self.idle:
+                self.idle.append(worker)
+            exp = self.lab.store.update(exp_id, status="crash", stage="done", pgid=None, reason=reason,
+                                        finished_at=now())
+            self.done.append(exp)
+            if self.lab.on_finished:
+                self.lab.on_finished(exp)
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
@@ -236,7 +258,7 @@ class Scheduler:
 
     def _tell(self, researcher: Researcher) -> None:
         for proposal, exp in researcher.outcomes:
-            researcher.proposer.observe(proposal, exp.status, exp.val_bpb)
+            observe(self.lab, researcher.proposer, proposal, exp)
         researcher.outcomes.clear()
 
     # -- trials --------------------------------------------------------------------------------
