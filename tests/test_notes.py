@@ -44,3 +44,11 @@ def test_findings_gain_a_line_each_and_files_are_replaced_whole(tmp_path):
     text = (tmp_path / "notes" / "findings.md").read_text()
     assert text == "# Findings\n- #3 deeper: val_bpb 0.990000\n- #7 lower lr: val_bpb 0.985000\n"
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["findings.md"]  # no temp file left
+
+
+def test_a_note_with_stray_bytes_is_shown_not_fatal(tmp_path):
+    from nightlab.research.experiment import _notes
+
+    (tmp_path / "agenda.md").write_bytes(b"# Agenda\n- try a \xff\xfe wider MLP\n")
+    shown = _notes(tmp_path)
+    assert shown.startswith("## agenda.md\n# Agenda") and "wider MLP" in shown

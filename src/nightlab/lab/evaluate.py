@@ -46,6 +46,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from nightlab.lab.session import resolve_device
+
 # Taken now, before any train.py runs in this process: the loss is computed only through these.
 _log_softmax = torch.log_softmax
 _logsumexp = torch.logsumexp
@@ -171,12 +173,6 @@ def evaluate(
         result.update(status="error", reason=traceback.format_exc())
     result["eval_s"] = round(time.perf_counter() - start, 3)
     return result
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def sample(source: ModelSource, data_dir: Path | str, prompt: str = "", *, token
     """Generate ``tokens`` text tokens after ``prompt`` with the model of ``source``."""
     import torch
 
-    from nightlab.lab.evaluate import load_model, resolve_device
+    from nightlab.lab.evaluate import load_model
+    from nightlab.lab.session import resolve_device
     from nightlab.lab.tokenizer import Tokenizer
 
     if tokens < 1:

@@ -472,7 +472,7 @@ def _clear_files(run_dir: Path) -> None:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text()
+        return path.read_text(errors="replace")  # a stray byte in a note must not end the night
     except OSError:
         return ""
 
@@ -480,4 +480,4 @@ def _read(path: Path) -> str:
 def _notes(folder: Path) -> str:
     if not folder.is_dir():
         return ""
-    return "\n\n".join(f"## {p.name}\n{p.read_text().strip()}" for p in sorted(folder.glob("*.md")))
+    return "\n\n".join(f"## {p.name}\n{_read(p).strip()}" for p in sorted(folder.glob("*.md")))

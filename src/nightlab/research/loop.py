@@ -104,7 +104,7 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     deadline = time.monotonic() + hours * 3600 if hours > 0 else float("inf")
     for exp in recover(lab):
         lab.say(f"#{exp.id}: resuming ({exp.description})")
-        execute(lab, exp)
+        _guarded(lab, exp, execute, lab, exp)  # one that keeps failing must not block every resume
     measure_baseline(lab)
     done: list[Experiment] = []
 
