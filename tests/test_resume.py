@@ -141,3 +141,20 @@ def test_recover_restores_the_branch_and_refs_after_a_kill_between_writes(tmp_pa
     assert unfinished[0].pgid is None
     assert git(lab_dir, "rev-parse", "nightlab/t") == commit
     assert git(lab_dir, "rev-parse", f"refs/nightlab/exp/{pending.id}") == commit
+
+
+def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
+    import shutil
+
+    from nightlab.research.experiment import measure_baseline, recover
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),
+                       set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
+    lab = open_lab(lab_dir, make_dataset(tmp_path / "data"))
+    baseline = measure_baseline(lab)
+    best = lab_dir / ".nightlab" / "best"
+    assert (best / "experiment.txt").read_text().split("\t")[0] == str(baseline.id)
+    assert (best / "model.pt").exists() and (best / "train.py").read_text() == (lab_dir / "train.py").read_text()
+    shutil.rmtree(best)  # as if killed between a keep's verdict and the copy
+    recover(lab)
+    assert (best / "experiment.txt").read_text().split("\t")[0] == str(baseline.id)

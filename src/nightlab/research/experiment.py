@@ -225,6 +225,7 @@ def measure_baseline(lab: Lab) -> Experiment:
                            reason=f"baseline over {len(values)} seed(s)", finished_at=now())
     lab.count_noise(exp)
     exp = lab.store.update(exp.id, noise=lab.noise())
+    _save_best(lab, exp)  # a night with no keep still leaves its best model in best/
     lab.say(f"#{exp.id} baseline: val_bpb {exp.val_bpb:.6f} over {len(values)} seed(s), noise {lab.noise():.6f}")
     return exp
 
@@ -461,6 +462,10 @@ def recover(lab: Lab) -> list[Experiment]:
     if tip != lab.best_commit() and not checked_out:
         lab.say(f"branch {lab.run.branch}: moved to the last kept commit {lab.best_commit()[:10]}")
         lab.git.set_branch(lab.dir, lab.run.branch, lab.best_commit())
+    best = lab.best()
+    if best is not None and sandbox.best_id(lab.dir) != str(best.id):  # killed between the verdict and the copy
+        lab.say(f"best/: copying the best model, #{best.id}")
+        _save_best(lab, best)
     return [e for e in unfinished if e.kind != "baseline"]
 
 

@@ -158,7 +158,7 @@ class Guard:
     def take(cls, lab_dir: Path, store_path: Path, exp_id: int) -> "Guard":
         guard = cls(Path(lab_dir), Path(store_path), exp_id)
         guard.files = _lab_files(guard.lab_dir)
-        guard.best_id = _best_id(guard.lab_dir)
+        guard.best_id = best_id(guard.lab_dir)
         guard.rows, guard.measured = _store_rows(guard.store_path, exp_id)
         return guard
 
@@ -170,7 +170,7 @@ class Guard:
     def _check_files(self) -> list[str]:
         changes = []
         now = _lab_files(self.lab_dir)
-        best_now = _best_id(self.lab_dir)
+        best_now = best_id(self.lab_dir)
         for name in sorted(set(self.files) | set(now)):
             if name.startswith(".nightlab/best/") and best_now != self.best_id and _is_kept(self.store_path, best_now):
                 continue  # another worker saved a new best
@@ -234,7 +234,7 @@ def _lab_files(lab_dir: Path) -> dict[str, tuple[str, bytes | None]]:
     return found
 
 
-def _best_id(lab_dir: Path) -> str:
+def best_id(lab_dir: Path) -> str:
     try:
         return (lab_dir / ".nightlab" / "best" / "experiment.txt").read_text().split("\t", 1)[0]
     except OSError:
