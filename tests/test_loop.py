@@ -202,3 +202,18 @@ def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):
     assert any(line.startswith("#5 keep") for line in lines) and any(line.startswith("#22 keep") for line in lines)
     assert lines[-1].startswith("#41 ") and "still training" not in text
     assert "#37 crash   -" in text and "exit code 1: boom" in text
+
+
+def test_a_proposal_that_cannot_be_admitted_is_recorded_against_its_agent(tmp_path, monkeypatch):
+    import nightlab.research.loop as loop_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),
+                       set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
+    lab = open_lab(lab_dir, make_dataset(tmp_path / "data"))
+    monkeypatch.setattr(loop_module, "admit", full_disk)
+    run_loop(lab, ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]), max_experiments=1)
+    (row,) = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert row.status == "invalid" and row.agent == "scripted" and "No space left on device" in row.reason

@@ -140,7 +140,8 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
             continue
         else:
             failures = 0
-            exp = _guarded(lab, None, admit, lab, work, best, prepared.proposal, proposer.name)
+            exp = _guarded(lab, None, admit, lab, work, best, prepared.proposal, proposer.name,
+                           author=(proposer.name, prepared.proposal))
         pending = ask(best) if more() else None
         if exp.commit_sha and not exp.finished:
             exp = _guarded(lab, exp, execute, lab, exp)
@@ -156,14 +157,17 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     return done
 
 
-def _guarded(lab: Lab, exp: Experiment | None, fn, *args) -> Experiment:
-    """``fn(*args)``; an unexpected error ends this experiment (``crash``), not the loop."""
+def _guarded(lab: Lab, exp: Experiment | None, fn, *args,
+             author: tuple[str, Proposal] | None = None) -> Experiment:
+    """``fn(*args)``; an unexpected error ends this experiment (``crash``), not the loop. Before an
+    experiment exists, the failed proposal is recorded against its ``author`` (agent, proposal)."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 -- e.g. a full disk or a git failure in one experiment
         reason = f"nightlab error: {type(e).__name__}: {e}"
         if exp is None:
-            return invalid_proposal(lab, lab.best_commit(), "", reason)
+            agent, spent = author or ("", None)
+            return invalid_proposal(lab, lab.best_commit(), agent, reason, spent)
         lab.say(f"#{exp.id} crash: {reason}")
         return lab.store.update(exp.id, status="crash", stage="done", pgid=None, reason=reason, finished_at=now())
 
