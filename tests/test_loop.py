@@ -170,6 +170,14 @@ def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
     git(lab_dir, "checkout", "program.md")
     assert main(["experiment", "-m", "nothing", *args]) == 2  # no edit: a user error, no row
     assert "no edits to test" in capsys.readouterr().err
+
+    (lab_dir / "NOTES.txt").write_text("a commit of the user's own\n")
+    git(lab_dir, "add", "NOTES.txt")
+    git(lab_dir, "commit", "-qm", "notes")
+    train.write_text(set_constant(train.read_text(), "SHARPNESS", 0.9))
+    assert main(["experiment", "-m", "off the best", *args]) == 2  # HEAD is no longer the run's best: refused
+    assert f"the best of run 'manual' is {kept[:10]}" in capsys.readouterr().err
+    git(lab_dir, "checkout", "train.py")
     with Store.open(lab_dir) as store:
         rows = store.experiments("manual")
     assert [(e.kind, e.status) for e in rows] == [("baseline", "keep"), ("manual", "keep"), ("manual", "discard"),

@@ -254,6 +254,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             measure_baseline(lab)
         except BaselineError as e:
             raise UserError(str(e)) from None
+        if parent != lab.best_commit():
+            raise UserError(f"{lab_dir} is at {parent[:10]}, but the best of run {tag!r} is {lab.best_commit()[:10]}: "
+                            f"`git reset --soft {lab.best_commit()[:10]}` to test your edits on the best, or use a new --tag")
         exp = admit(lab, lab_dir, parent, Proposal(args.message, args.rationale), "manual", kind="manual")
         if exp.commit_sha:
             exp = execute(lab, exp)
