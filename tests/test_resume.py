@@ -158,3 +158,24 @@ def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
     shutil.rmtree(best)  # as if killed between a keep's verdict and the copy
     recover(lab)
     assert (best / "experiment.txt").read_text().split("\t")[0] == str(baseline.id)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_with_several_devices_stops_the_trials_now_and_resume_finishes_them(tmp_path, data_dir):
+    from nightlab.research.runner import group_alive
+
+    long = {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 120.0"}
+    lab_dir = _lab(tmp_path, [{"description": "sharper", "replace": [SHARPER, long]}])
+    command = _nightlab_run(lab_dir, data_dir, "--devices", "cpu,cpu")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    row = _wait_for_stage(lab_dir, proc, 2, "train")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30, out  # not the 120 s the trial would have slept
+    assert proc.returncode == 130, out
+    assert not group_alive(row.pgid)
+    with Store.open(lab_dir) as store:
+        assert store.get(2).status == "running"  # unfinished, for --resume

@@ -39,7 +39,7 @@ from nightlab.research.experiment import (
 )
 from nightlab.research import sandbox
 from nightlab.research.notes import Board
-from nightlab.research.runner import TrialResult
+from nightlab.research.runner import TrialResult, stop_group
 from nightlab.research.store import Experiment, now
 
 POLL_S = 0.2
@@ -127,8 +127,9 @@ class Scheduler:
             return not (stop.is_set() or limit or time.monotonic() >= deadline)
 
         waited = 0.0
-        with ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker") as pool:
-            self.pool = pool
+        pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker")
+        self.pool = pool
+        try:
             while True:
                 if not stop.is_set():
                     while self.idle and self.ready:
@@ -160,11 +161,22 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 -- e.g. a full disk or a git failure in one experiment
                     self._failed(event, e)
                 counted += self.tally.rows - before
+        except BaseException:  # a second Ctrl-C: stop the trials now; --resume runs them again
+            self._stop_running()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         self.tally.wall_s = time.monotonic() - started
         self.tally.orchestrator_s = self.tally.wall_s - waited
         for researcher in self.researchers:
             self._tell(researcher)
         return self.done
+
+    def _stop_running(self) -> None:
+        """Stop the process groups of this run's trials that are still training or evaluating."""
+        for exp in self.lab.store.select(self.lab.run.tag, statuses=("running",)):
+            if exp.pgid:
+                stop_group(exp.pgid)
 
     def _failed(self, event: tuple, error: Exception) -> None:
         """Record an unexpected error of one event: its experiment crashes, its worker is free again."""
