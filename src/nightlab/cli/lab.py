@@ -76,6 +76,24 @@ def add_lab_args(p: argparse.ArgumentParser) -> None:
                    help="override a nightlab.toml setting, e.g. --set lab.budget_s=60 (repeatable)")
 
 
+SHORTCUTS = {"dataset": "lab.dataset", "budget": "lab.budget_s", "device": "lab.device", "preset": "lab.preset"}
+
+
+def settings(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` items, then each shortcut flag given (``--budget 60``) as the setting it stands for."""
+    sets = list(args.set)
+    for flag, key in SHORTCUTS.items():
+        if getattr(args, flag, None):
+            sets.append(f"{key}={json.dumps(getattr(args, flag))}")
+    return sets
+
+
+def nearest_lab() -> Path | None:
+    """The nearest folder at or above the cwd that holds nightlab.toml."""
+    here = Path.cwd().resolve()
+    return next((folder for folder in (here, *here.parents) if (folder / cfg.CONFIG_FILE).exists()), None)
+
+
 def find_lab(start: Path | None) -> Path:
     """The lab folder: ``start`` if given, else the nearest folder above the cwd with nightlab.toml."""
     from nightlab.cli import UserError
@@ -84,11 +102,10 @@ def find_lab(start: Path | None) -> Path:
         if not (start / cfg.CONFIG_FILE).exists():
             raise UserError(f"{start} is not a lab (no {cfg.CONFIG_FILE}); create one with `nightlab init {start}`")
         return start.resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / cfg.CONFIG_FILE).exists():
-            return folder
-    raise UserError(f"no {cfg.CONFIG_FILE} in {here} or above: run this inside a lab, or create one with "
+    found = nearest_lab()
+    if found is not None:
+        return found
+    raise UserError(f"no {cfg.CONFIG_FILE} in {Path.cwd().resolve()} or above: run this inside a lab, or create one with "
                     "`nightlab init DIR`")
 
 
@@ -105,15 +122,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     lab_dir: Path = args.dir
     if lab_dir.exists() and any(lab_dir.iterdir()):
         raise UserError(f"{lab_dir} already exists and is not empty: choose a new folder for the lab")
-    sets = list(args.set)
-    if args.dataset:
-        sets.append(f"lab.dataset={json.dumps(args.dataset)}")
-    if args.budget:
-        sets.append(f"lab.budget_s={args.budget}")
-    if args.device:
-        sets.append(f"lab.device={json.dumps(args.device)}")
-        if args.device == "cpu" and not any(s.startswith("lab.eval_seq_len") for s in sets):
-            sets.append("lab.eval_seq_len=512")  # the CPU model trains on 256-token rows
+    sets = settings(args)
+    if args.device == "cpu" and not any(s.startswith("lab.eval_seq_len") for s in sets):
+        sets.append("lab.eval_seq_len=512")  # the CPU model trains on 256-token rows
     if not any(s.startswith("search.constants") for s in sets):
         sets.append(f"search.constants={json.dumps(list(searched_constants(args.device)))}")
     conf = cfg.Config().with_overrides(sets)
@@ -152,7 +163,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
     from nightlab.lab import datasets
 
-    if args.lab is None and args.dataset and not _inside_lab():
+    if args.lab is None and args.dataset and nearest_lab() is None:
         conf = cfg.Config().with_overrides(args.set).lab
     else:
         conf = cfg.load(find_lab(args.lab), args.set).lab
@@ -172,25 +183,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inside_lab() -> bool:
-    here = Path.cwd().resolve()
-    return any((f / cfg.CONFIG_FILE).exists() for f in (here, *here.parents))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
     from nightlab.lab import datasets
     from nightlab.research.runner import run_trial
 
     lab_dir = find_lab(args.lab)
-    sets = list(args.set)
-    if args.budget:
-        sets.append(f"lab.budget_s={args.budget}")
-    if args.device:
-        sets.append(f"lab.device={json.dumps(args.device)}")
-    if args.preset:
-        sets.append(f"lab.preset={json.dumps(args.preset)}")
-    conf = cfg.load(lab_dir, sets)
+    conf = cfg.load(lab_dir, settings(args))
     try:
         prepared = datasets.open_prepared(conf.lab.dataset, conf.lab.vocab_size)
     except FileNotFoundError as e:
