@@ -41,6 +41,7 @@ class LabConfig:
     seed: int = 0  # base seed; the policy draws fresh seeds for reruns
     allowed_files: tuple[str, ...] = ("train.py",)  # what agents may change
     sandbox: str = "none"  # none | bwrap: train and evaluate under bubblewrap (see bench/RELIABILITY.md)
+    standby: str = "auto"  # auto | on | off: start the next trial while this one trains (auto: on CUDA)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: lab.preset must be auto, gpu or cpu, got {lab.preset!r}")
     if lab.sandbox not in ("none", "bwrap"):
         raise ConfigError(f"{source}: lab.sandbox must be none or bwrap, got {lab.sandbox!r}")
+    if lab.standby not in ("auto", "on", "off"):
+        raise ConfigError(f"{source}: lab.standby must be auto, on or off, got {lab.standby!r}")
     if run.policy not in ("noise", "greedy"):
         raise ConfigError(f"{source}: run.policy must be noise or greedy, got {run.policy!r}")
     if run.baseline_runs < 1:

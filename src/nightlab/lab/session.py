@@ -23,6 +23,10 @@ ENV_BUDGET = "NIGHTLAB_BUDGET_S"
 ENV_DEVICE = "NIGHTLAB_DEVICE"
 ENV_PRESET = "NIGHTLAB_PRESET"
 ENV_SEED = "NIGHTLAB_SEED"
+ENV_GATE = "NIGHTLAB_GATE"  # set when the runner starts this process before the GPU is free
+
+GATE_READY = "ready"  # written into the gate folder when startup is over
+GATE_GO = "go"  # written by the runner when the timed run may begin
 
 WEIGHTS_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
@@ -61,6 +65,23 @@ class Session:
         from nightlab.lab.loader import TrainLoader
 
         return TrainLoader(self.data_dir, batch_size, seq_len, self.device, self.seed)
+
+    def ready(self) -> None:
+        """Startup (model, compilation, warm-up) is over: return when the timed run may begin.
+
+        The runner may start the next trial while the GPU still trains the current one, so that
+        its startup costs the night nothing; it then sets ``NIGHTLAB_GATE`` and this call waits
+        for its turn. Without it (the usual case, and ``python train.py``) it returns at once.
+        """
+        gate = os.environ.get(ENV_GATE)
+        if not gate:
+            return
+        gate_dir, parent = Path(gate), os.getppid()
+        write_json(gate_dir / GATE_READY, {"pid": os.getpid(), "at": time.time()})
+        while not (gate_dir / GATE_GO).exists():
+            if os.getppid() != parent:  # the runner is gone: nobody will open the gate
+                raise SystemExit("nightlab: the runner that started this process is gone; exiting")
+            time.sleep(0.002)
 
     def finish(self, model: Any, summary: dict[str, Any]) -> Path:
         """Save the model's weights for the evaluator and the run's own numbers. Returns the weights path."""

@@ -35,10 +35,10 @@ def local_workers(devices: list[str], trainer: Any = run_trial) -> list[Worker]:
     for k, device in enumerate(devices):
         device = device.strip()
         if device == "cpu":
-            workers.append(Worker(f"cpu{k}", functools.partial(_on_device, trainer, "cpu", {})))
+            workers.append(Worker(f"cpu{k}", functools.partial(_on_device, trainer, "cpu", {}), device="cpu"))
         elif device.isdigit():
             workers.append(Worker(f"gpu{device}", functools.partial(_on_device, trainer, "cuda",
-                                                                     {"CUDA_VISIBLE_DEVICES": device})))
+                                                                     {"CUDA_VISIBLE_DEVICES": device}), device="cuda"))
         else:
             raise ValueError(f"device {device!r}: give GPU indices or cpu, e.g. --devices 0,1 or --devices cpu,cpu")
     return workers

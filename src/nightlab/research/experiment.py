@@ -24,7 +24,7 @@ from typing import Any
 import nightlab.research.git as real_git
 from nightlab.config import Config
 from nightlab.paths import state_dir
-from nightlab.research import history, policy, sandbox
+from nightlab.research import history, policy, sandbox, standby
 from nightlab.research.agents.base import Context, Proposal
 from nightlab.research.runner import TrialResult, group_alive, run_trial, stop_group
 from nightlab.research.store import FINISHED, Experiment, Run, Store, now
@@ -65,6 +65,7 @@ class Lab:
     trainer: Trainer = run_trial  # the runner seam: executors and the simulator plug in here
     git: Any = real_git  # code history: the ``git`` module, or ``simulate.MemoryGit`` (same functions)
     reviewer: Reviewer | None = None  # reads a winning diff before it becomes the best; None: no review
+    standby: standby.Standby | None = None  # the plain loop's: starts the expected next trial early
     _code_lines: dict[str, int] = field(default_factory=dict)
     _noise: policy.NoiseMeter | None = None
     _measured: set[int] = field(default_factory=set)  # experiments the noise meter has counted
@@ -206,11 +207,17 @@ def measure_baseline(lab: Lab) -> Experiment:
         return exp
     lab.git.set_ref(lab.dir, lab.git.experiment_ref(exp.id), lab.run.base_commit)
     runs = 1 if lab.config.run.policy == "greedy" else lab.config.run.baseline_runs
+    after = lab.standby.upcoming if lab.standby is not None else None
     failures: list[TrialResult] = []
     for k in range(runs):
         seed = lab.config.lab.seed + k
         if any(m.seed == seed for m in lab.store.measurements(exp.id)):
             continue
+        if lab.standby is not None and k + 1 < runs:  # the next seed: same files
+            names, folder = lab.config.lab.allowed_files, state_dir(lab.dir) / "worktrees" / TRAIN_WORKTREE
+            lab.standby.upcoming = lambda s=seed + 1: standby.Expected(standby.files_in(folder, names), s)
+        elif lab.standby is not None and k + 1 == runs:
+            lab.standby.upcoming = after  # what the loop expects after the baseline
         result = run(lab, exp, Trial(exp.id, lab.run.base_commit, seed, "baseline", k))
         if result.status != "ok":
             failures.append(result)

@@ -8,6 +8,7 @@ a limit, ``stop`` (a signal) or a baseline that cannot train.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from nightlab.config import Config, dumps
 from nightlab.paths import state_dir
-from nightlab.research import git
+from nightlab.research import git, standby
 from nightlab.research.agents.base import Context, Proposal, ProposalError, Proposer
 from nightlab.research.experiment import (
     Lab, admit, context, execute, invalid_proposal, measure_baseline, observe, recover,
@@ -101,11 +102,19 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
              stop: threading.Event | None = None) -> list[Experiment]:
     """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``; returns the new ones."""
     stop = stop or threading.Event()
+    standby.attach(lab)
+    try:
+        return _loop(lab, proposer, max_experiments, hours, stop)
+    finally:
+        if lab.standby is not None:
+            lab.standby.close()
+
+
+def _loop(lab: Lab, proposer: Proposer, max_experiments: int, hours: float, stop: threading.Event) -> list[Experiment]:
     deadline = time.monotonic() + hours * 3600 if hours > 0 else float("inf")
     for exp in recover(lab):
         lab.say(f"#{exp.id}: resuming ({exp.description})")
         _guarded(lab, exp, execute, lab, exp)  # one that keeps failing must not block every resume
-    measure_baseline(lab)
     done: list[Experiment] = []
 
     def counted() -> int:
@@ -118,7 +127,12 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     def ask(parent: str) -> Future:
         return in_background(prepare, lab.dir, proposer, context(lab), parent, PROPOSE_WORKTREE, lab.git)
 
+    # The first proposal is prepared while the baseline trains (and its standby waits behind it).
     pending = ask(lab.best_commit()) if more() else None
+    work = state_dir(lab.dir) / "worktrees" / PROPOSE_WORKTREE
+    if lab.standby is not None:
+        lab.standby.upcoming = functools.partial(_expected, lab, pending, work)
+    measure_baseline(lab)
     previous: tuple[Proposal, Experiment] | None = None
     failures = 0
     while pending is not None:
@@ -129,7 +143,6 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
             observe(lab, proposer, *previous)
             previous = None
         best = lab.best_commit()
-        work = state_dir(lab.dir) / "worktrees" / PROPOSE_WORKTREE
         if prepared.proposal is None:
             exp = invalid_proposal(lab, prepared.parent, proposer.name, prepared.error, prepared.spent)
             failures += 1
@@ -143,6 +156,8 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
             exp = _guarded(lab, None, admit, lab, work, best, prepared.proposal, proposer.name,
                            author=(proposer.name, prepared.proposal))
         pending = ask(best) if more() else None
+        if lab.standby is not None:  # the next proposal, once it is ready and still on the best
+            lab.standby.upcoming = functools.partial(_expected, lab, pending, work)
         if exp.commit_sha and not exp.finished:
             exp = _guarded(lab, exp, execute, lab, exp)
         if prepared.proposal is not None:
@@ -155,6 +170,16 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     if previous:
         observe(lab, proposer, *previous)
     return done
+
+
+def _expected(lab: Lab, pending: Future | None, work: Path) -> standby.Expected | None:
+    """What the loop will train next, if it knows yet: the prepared proposal, while still on the best."""
+    if pending is None or not pending.done():
+        return None
+    prepared = pending.result()
+    if prepared.proposal is None or prepared.parent != lab.best_commit():
+        return None
+    return standby.Expected(standby.files_in(work, lab.config.lab.allowed_files), lab.config.lab.seed)
 
 
 def _guarded(lab: Lab, exp: Experiment | None, fn, *args,

@@ -24,11 +24,13 @@ from typing import Any
 from nightlab.config import Config
 from nightlab.lab.session import resolve_device, resolve_preset
 from nightlab.research import sandbox
+from nightlab.research.standby import START_AT, Standby
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 TERM_GRACE_S = 10.0  # SIGTERM first; SIGKILL the group if it is still there after this
 LOG_TAIL_LINES = 50
 POLL_S = 0.1
+STANDBY_FILE = "standby.json"  # in a run folder whose trial was started early by a standby
 DISK_FULL_BYTES = 1 << 20  # less free space than this after a crash: say the disk is full
 
 
@@ -87,37 +89,61 @@ def run_trial(
     on_progress: Callable[[str], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
     env: dict[str, str] | None = None,
+    standby: Standby | None = None,
 ) -> TrialResult:
     """Train ``workdir/train.py`` into ``run_dir`` and evaluate it.
 
     ``on_progress`` gets each line train.py prints, as it prints it. ``on_stage(stage, pgid)`` is
     called when the ``train`` and ``eval`` processes start, so a caller can record the process
     group and stop it after its own crash. ``env`` adds variables to both processes (a worker's
-    ``CUDA_VISIBLE_DEVICES``).
+    ``CUDA_VISIBLE_DEVICES``). With a ``standby`` (``nightlab.research.standby``), a process
+    already waiting for exactly this trial trains it, and the trial expected next is started
+    while this one trains.
     """
     workdir, run_dir, data_dir = Path(workdir).resolve(), Path(run_dir).resolve(), Path(data_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.lab.device)
     preset = resolve_preset(config.lab.preset, device)
+    extra_env = dict(env or {})
     view = sandbox.train_view(data_dir, run_dir)  # training never gets the validation split
-    env = {**train_env(config, run_dir, view, seed, device, preset), **(env or {})}
+    env = {**train_env(config, run_dir, view, seed, device, preset), **extra_env}
     started = time.monotonic()
     common = dict(device=device, preset=preset)
 
     cap = config.lab.budget_s + config.lab.startup_allowance_s
     train_log = run_dir / "train.log"
-    command = [sys.executable, "train.py"]
+    command: list[str] | subprocess.Popen = [sys.executable, "train.py"]
     if config.lab.sandbox == "bwrap":
         command = sandbox.bwrap(command, cwd=workdir, writable=[workdir, run_dir], data_dir=data_dir)
+    waiting = standby.take(workdir, seed, config.lab.allowed_files) if standby is not None else None
+    log_path = train_log
+    if waiting is not None:  # started while the previous trial trained: its startup is behind it
+        waiting.go()
+        command, log_path = waiting.proc, waiting.log
+        cap = max(cap - waiting.startup_s, 1.0)  # its startup counted against the allowance as always
+
+    def on_tick(elapsed: float) -> None:
+        if standby is not None and elapsed >= START_AT * config.lab.budget_s:
+            standby.launch(workdir, config, data_dir, device, preset, extra_env)
+
     train = _run_group(
-        command, workdir, env, train_log, cap,
+        command, workdir, env, log_path, cap,
         on_line=on_progress, on_start=lambda pid: on_stage and on_stage("train", pid),
+        on_tick=on_tick if standby is not None else None,
     )
+    if waiting is not None:
+        escaped_early = sandbox.escaped(waiting.out_dir)
+        _move_into(waiting.out_dir, run_dir)
+        shutil.move(waiting.log, train_log)
+        shutil.rmtree(waiting.root, ignore_errors=True)
+        (run_dir / STANDBY_FILE).write_text(json.dumps({"startup_s": round(waiting.startup_s, 2)}) + "\n")
+    else:
+        escaped_early = []
     summary = _read_json(run_dir / "summary.json")
     log_tail = _tail(train_log)
     base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
 
-    if escaped := sandbox.escaped(run_dir):
+    if escaped := escaped_early + sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("train.py", escaped), error=log_tail, **base)
     if train.returncode is None:
         return _done(started, status="timeout", reason=f"training passed the hard cap of {cap:g} s and was stopped",
@@ -172,6 +198,19 @@ def _judge(evaluation: _Stage, report: dict[str, Any], eval_log: Path, timeout_s
     return dict(status="ok", val_bpb=float(val_bpb))
 
 
+def _move_into(source: Path, run_dir: Path) -> None:
+    """Move what a standby process wrote (weights, summary, ...) into the trial's run folder."""
+    for entry in source.iterdir():
+        if entry.name == sandbox.VIEW_DIR:
+            continue
+        target = run_dir / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        shutil.move(str(entry), str(target))
+
+
 def _disk_full(run_dir: Path) -> str:
     """A note for a crash on a full disk, whose own message (torch's, say) may not say so."""
     try:
@@ -189,26 +228,33 @@ def _done(started: float, **fields: Any) -> TrialResult:
     return TrialResult(total_s=time.monotonic() - started, **fields)
 
 
+def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start ``command`` in a new session (its own process group), output to ``log_path``.
+
+    Output is written by the child to the file itself (not a pipe), and read back for progress:
+    a survivor holding a pipe open cannot block us, and a killed runner loses no log.
+    """
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _run_group(
-    command: list[str],
+    command: list[str] | subprocess.Popen,
     cwd: Path,
     env: dict[str, str],
     log_path: Path,
     cap_s: float,
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[int], object] | None = None,
+    on_tick: Callable[[float], object] | None = None,
 ) -> _Stage:
-    """Run ``command`` in a new session, output to ``log_path``; stop the group at ``cap_s``.
-
-    Output is written by the child to the file itself (not a pipe), and read back for
-    ``on_line``: a survivor holding a pipe open cannot block us, and a killed runner loses no log.
-    """
+    """Run ``command`` (or wait for a process already started) in its own group; stop the group
+    at ``cap_s``. ``on_tick(seconds so far)`` is called while it runs."""
     started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = command if isinstance(command, subprocess.Popen) else launch(command, cwd, env, log_path)
     follower = _LogFollower(log_path, on_line)
     returncode: int | None = None
     try:
@@ -220,8 +266,11 @@ def _run_group(
                 break
             except subprocess.TimeoutExpired:
                 follower.poll()
-                if time.monotonic() - started > cap_s:
+                elapsed = time.monotonic() - started
+                if elapsed > cap_s:
                     break
+                if on_tick:
+                    on_tick(elapsed)
     finally:
         stop_group(proc.pid)
         proc.wait()

@@ -23,6 +23,7 @@ finish comes back as an event, and the orchestrator records it, so the store see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -37,7 +38,7 @@ from nightlab.research.experiment import (
     Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial,
     observe, record_trial, recover, runs_processes, start_trial,
 )
-from nightlab.research import sandbox
+from nightlab.research import sandbox, standby
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult, stop_group
 from nightlab.research.store import Experiment, now
@@ -62,6 +63,8 @@ class Worker:
 
     name: str
     trainer: Trainer
+    device: str = ""  # cuda | cpu for a worker on this machine; "" elsewhere (Ray, simulation)
+    standby: standby.Standby | None = None  # starts the trial this worker is expected to take next
 
 
 @dataclass
@@ -83,14 +86,17 @@ class Scheduler:
                  lookahead: int | None = None) -> None:
         if not researchers or not workers:
             raise ValueError("a scheduler needs at least one researcher and one worker")
-        self.lab, self.researchers, self.workers = lab, researchers, workers
+        self.lab, self.researchers, self.workers = lab, researchers, [self._with_standby(lab, w) for w in workers]
+        for worker in self.workers:
+            if worker.standby is not None:
+                worker.standby.upcoming = functools.partial(self._expected, worker)
         self.board = board if board is not None else Board(lab.dir)
         self.lead = lead
         self.lookahead = len(workers) if lookahead is None else lookahead
         self.tally = Tally()
         self.events: queue.Queue = queue.Queue()
         self.ready: deque[tuple[int, Trial]] = deque()
-        self.idle = list(workers)
+        self.idle = list(self.workers)
         self.asked = 0  # proposals in flight
         self.authors: dict[int, tuple[Researcher, Proposal]] = {}
         self.since_lead = 0
@@ -133,7 +139,8 @@ class Scheduler:
             while True:
                 if not stop.is_set():
                     while self.idle and self.ready:
-                        worker, (exp_id, trial) = self.idle.pop(0), self.ready.popleft()
+                        worker = self.idle.pop(0)
+                        exp_id, trial = self._next_for(worker)
                         try:
                             self._start(worker, exp_id, trial)
                         except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
@@ -165,12 +172,49 @@ class Scheduler:
             self._stop_running()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            for worker in self.workers:
+                if worker.standby is not None:
+                    worker.standby.close()
         pool.shutdown(wait=True)
         self.tally.wall_s = time.monotonic() - started
         self.tally.orchestrator_s = self.tally.wall_s - waited
         for researcher in self.researchers:
             self._tell(researcher)
         return self.done
+
+    # -- standbys ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _with_standby(lab: Lab, worker: Worker) -> Worker:
+        """``worker`` with a standby where ``lab.standby`` allows one on its device."""
+        if worker.standby is not None or not worker.device or not runs_processes(worker.trainer):
+            return worker
+        if not standby.enabled(lab.config, worker.device):
+            return worker
+        held = standby.Standby(lab.dir / ".nightlab" / "standby" / worker.name)
+        trainer = functools.partial(worker.trainer, standby=held)
+        worker = dataclasses.replace(worker, trainer=trainer, standby=held)
+        return worker
+
+    def _expected(self, worker: Worker) -> standby.Expected | None:
+        """The queued trial ``worker`` will probably take next: the first no other standby holds.
+        Called from the worker's thread: it reads the queue, never changes it."""
+        held = {w.standby.key for w in self.workers if w is not worker and w.standby is not None}
+        for exp_id, trial in list(self.ready):
+            if (exp_id, trial.seed) not in held:
+                files = standby.files_at(self.lab.dir, trial.commit, self.lab.config.lab.allowed_files)
+                return standby.Expected(files, trial.seed, key=(exp_id, trial.seed))
+        return None
+
+    def _next_for(self, worker: Worker) -> tuple[int, Trial]:
+        """The queued trial for ``worker``: the one its standby holds, if queued; else the first."""
+        key = worker.standby.key if worker.standby is not None else ()
+        for item in self.ready:
+            if key and (item[0], item[1].seed) == key:
+                self.ready.remove(item)
+                return item
+        return self.ready.popleft()
 
     def _stop_running(self) -> None:
         """Stop the process groups of this run's trials that are still training or evaluating."""
