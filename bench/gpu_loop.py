@@ -112,6 +112,8 @@ def main() -> int:
         run_dir = lab / ".nightlab" / "runs" / str(e.id)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         report = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+        if not summary:
+            continue  # refused before training (an invalid proposal): no trial
         w = per_worker[e.worker or "local"]
         w["trials"] += 1
         w["train_s"] += summary.get("training_seconds", 0.0)

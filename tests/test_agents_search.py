@@ -134,15 +134,18 @@ def test_tpe_improves_the_stand_in_objective_and_keeps_comments(tmp_path: Path) 
 def test_failures_are_told_as_bad_values_and_baseline_comes_first(tmp_path: Path) -> None:
     proposer = SearchProposer(SearchAgentConfig(constants=("X", "Y")), storage=None)
     (tmp_path / "train.py").write_text(SOURCE)
-    first = proposer.propose(Context("p", {"train.py": SOURCE}, ""), tmp_path)  # no measured best yet
-    assert first.description == "search: baseline values"
-    assert (tmp_path / "train.py").read_text() == SOURCE
-    proposer.observe(first, "keep", 4.1)
+    # Asked while the baseline trains (no measured best yet): the study's first trial, the baseline's
+    # own values, is not proposed again; it waits for the baseline's value.
+    first = proposer.propose(Context("p", {"train.py": SOURCE}, ""), tmp_path)
+    assert first.description.startswith("search: ") and first.description != "search: baseline values"
+    assert (tmp_path / "train.py").read_text() != SOURCE
+    proposer.observe(first, "crash", None)
+    (tmp_path / "train.py").write_text(SOURCE)
     second = proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=4.1), tmp_path)
     assert second.params != first.params and second.description.startswith("search: ")
-    proposer.observe(second, "crash", None)
     values = [t.value for t in proposer._study.trials]
-    assert values == [4.1, FAIL_VALUE]
+    assert values[:2] == [4.1, FAIL_VALUE]  # the baseline told its value once known, then the crash
+    assert proposer._study.trials[0].params == {"X": 12, "Y": pytest.approx(0.08)}
 
 
 def test_cmaes_sampler_proposes_within_the_space(tmp_path: Path) -> None:

@@ -126,6 +126,7 @@ class SearchProposer:
         self._study: Any = None
         self._space: list[Dimension] = []
         self._pending: list[tuple[int, Proposal]] = []
+        self._unmeasured_best: list[int] = []  # trials that drew the best before it had a val_bpb
         self._lock = threading.Lock()  # the loop may prepare a proposal while it reports another
 
     def propose(self, context: Context, worktree: Path) -> Proposal:
@@ -141,13 +142,20 @@ class SearchProposer:
             if not dims:
                 raise ProposalError(f"none of the searched constants is left in {TARGET}")
             best = context.best_source.get(TARGET)
+            measured = context.best_val_bpb is not None and math.isfinite(context.best_val_bpb)
+            if measured:
+                while self._unmeasured_best:  # asked before the baseline had a value: it is the best's
+                    self._study.tell(self._unmeasured_best.pop(), context.best_val_bpb, skip_if_finished=True)
             for _ in range(_MAX_SKIPS):
                 trial = self._study.ask({d.key: d.distribution() for d in dims})
                 values = {d.key: d.value(trial.params[d.key]) for d in dims}
                 edited = write_constants(source, values)
                 same = best is not None and edited.rstrip("\n") == best.rstrip("\n")  # git show drops the last newline
-                if same and context.best_val_bpb is not None and math.isfinite(context.best_val_bpb):
+                if same and measured:
                     self._study.tell(trial, context.best_val_bpb)  # already measured: that is the best
+                    continue
+                if same:  # the best itself, not measured yet (the baseline is training): told later
+                    self._unmeasured_best.append(trial.number)
                     continue
                 trial.set_user_attr("values", values)
                 path.write_text(edited)
