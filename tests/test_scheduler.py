@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -150,9 +151,14 @@ def test_two_cpu_workers_train_real_trials_side_by_side(tmp_path, data_dir):
     Scheduler(lab, researchers, local_workers(["cpu", "cpu"])).run(max_experiments=4)
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
     assert all(e.finished for e in rows) and len(rows) >= 4
-    assert {e.worker for e in rows} == {"cpu0", "cpu1"}
-    spans = sorted((datetime.fromisoformat(e.started_at), datetime.fromisoformat(e.finished_at)) for e in rows)
+    assert {e.worker for e in rows if e.commit_sha} == {"cpu0", "cpu1"}
+    spans = sorted((datetime.fromisoformat(e.started_at), datetime.fromisoformat(e.finished_at))
+                   for e in rows if e.started_at)
     assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # some trials overlapped
+    # The second worker did not wait for the baseline: an experiment trained beside it.
+    base = next(e for e in lab.experiments() if e.kind == "baseline")
+    assert any(datetime.fromisoformat(e.started_at) < datetime.fromisoformat(base.finished_at)
+               for e in rows if e.started_at)
     by = {e.description: e for e in rows if e.origin_id is None}
     assert by["flatter"].status == "discard" and by["sharper"].val_bpb < by["flatter"].val_bpb
     for e in rows:
@@ -227,8 +233,8 @@ def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path,
     calls = []
 
     def failing_once(lab_, exp, trial, worker=None):
-        calls.append(exp.id)
-        if len(calls) == 1:
+        calls.append(exp.id) if exp.kind == "experiment" else None
+        if exp.kind == "experiment" and len(calls) == 1:  # the first experiment's trial cannot start
             raise OSError(28, "No space left on device")
         return real_start(lab_, exp, trial, worker)
 
@@ -243,3 +249,34 @@ def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path,
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
     assert [e.status for e in rows][0] == "crash" and "No space left on device" in rows[0].reason
     assert len(rows) == 2 and rows[1].status in ("keep", "discard")  # the night went on
+
+
+@pytest.mark.slow
+def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(tmp_path, data_dir):
+    slow = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.0)
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=3, confirm_runs=0), slow)
+    lab = open_lab(lab_dir, data_dir)
+    researchers = [Researcher("a", ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]))]
+    Scheduler(lab, researchers, local_workers(["cpu", "cpu"])).run(max_experiments=1)
+    base, exp = lab.experiments()
+    assert base.kind == "baseline" and base.status == "keep" and len(lab.store.values(base.id)) == 3
+    summaries = [json.loads(p.read_text()) for p in (lab.runs_dir / str(base.id)).rglob("summary.json")]
+    spans = sorted((s["go_at"], s["go_at"] + s["training_seconds"]) for s in summaries)
+    assert len(spans) == 3 and spans[0][1] > spans[1][0]  # two seeds trained at the same time
+    # The experiment was judged against the finished baseline (all three seeds), never before it.
+    assert exp.status == "keep" and "vs best 6.440918" in exp.reason
+    assert datetime.fromisoformat(exp.finished_at) >= datetime.fromisoformat(base.finished_at)
+
+
+def test_a_baseline_that_cannot_train_stops_the_scheduler(tmp_path, data_dir):
+    from nightlab.research.experiment import BaselineError
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=2, confirm_runs=0),
+                       set_constant(STANDIN.read_text(), "MODE", "crash"))
+    lab = open_lab(lab_dir, data_dir)
+    researchers = [Researcher("a", ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]))]
+    with pytest.raises(BaselineError, match="stand-in crash"):
+        Scheduler(lab, researchers, local_workers(["cpu", "cpu"])).run(max_experiments=1)
+    base = lab.experiments()[0]
+    assert base.kind == "baseline" and base.status == "crash"
+    assert all(e.status != "keep" for e in lab.experiments())  # nothing judged without a baseline

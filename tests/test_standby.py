@@ -194,3 +194,16 @@ def test_each_scheduler_worker_runs_the_queued_trial_its_standby_holds(tmp_path,
         gos = [json.loads((lab.runs_dir / str(e.id) / "summary.json").read_text())["go_at"] for e in mine]
         assert all(go >= end - 1.0 for go, end in zip(gos[1:], ends)), (gos, ends)
     assert all(not any(h.root.iterdir()) for h in held)  # nothing left waiting
+
+
+def test_a_standby_that_fails_to_start_leaves_the_running_trial_alone(tmp_path, data_dir, monkeypatch):
+    first = _workdir(tmp_path / "a")
+    held = Standby(tmp_path / "standby", upcoming=lambda: Expected({"train.py": b"x"}, 0))
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(standby.shutil, "copytree", broken)
+    result = run_trial(first, tmp_path / "run1", _config(), 0, data_dir=data_dir, standby=held)
+    assert result.status == "ok" and held.started == 0
+    assert held.upcoming is None  # given up for this trial: the loop sets a new guess for the next

@@ -197,36 +197,50 @@ def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Prop
 
 def measure_baseline(lab: Lab) -> Experiment:
     """The run's first best: the base commit measured with ``baseline_runs`` seeds (once per run)."""
+    exp = baseline_row(lab)
+    if exp.finished:
+        return exp
+    after = lab.standby.upcoming if lab.standby is not None else None
+    trials = baseline_trials(lab, exp)
+    for i, trial in enumerate(trials):
+        if lab.standby is not None and i + 1 < len(trials):  # the next seed: same files
+            names, folder = lab.config.lab.allowed_files, state_dir(lab.dir) / "worktrees" / TRAIN_WORKTREE
+            lab.standby.upcoming = lambda s=trials[i + 1].seed: standby.Expected(standby.files_in(folder, names), s)
+        elif lab.standby is not None:
+            lab.standby.upcoming = after  # what the loop expects after the baseline
+        run(lab, exp, trial)
+    return finish_baseline(lab, exp)
+
+
+def baseline_row(lab: Lab) -> Experiment:
+    """The run's baseline experiment (the base commit), created with its ref the first time."""
     rows = lab.store.select(lab.run.tag, kind="baseline", limit=1)
     exp = rows[0] if rows else lab.store.add_experiment(
         lab.run.tag, kind="baseline", worker=lab.worker, agent="", parent_commit=lab.run.base_commit,
         commit_sha=lab.run.base_commit, description="baseline", code_lines=lab.code_lines(lab.run.base_commit),
         seed=lab.config.lab.seed,
     )
-    if exp.finished:
-        return exp
-    lab.git.set_ref(lab.dir, lab.git.experiment_ref(exp.id), lab.run.base_commit)
+    if not exp.finished:
+        lab.git.set_ref(lab.dir, lab.git.experiment_ref(exp.id), lab.run.base_commit)
+    return exp
+
+
+def baseline_trials(lab: Lab, exp: Experiment) -> list[Trial]:
+    """The baseline's trials not yet recorded: one per seed, ``baseline_runs`` of them (1 when greedy)."""
     runs = 1 if lab.config.run.policy == "greedy" else lab.config.run.baseline_runs
-    after = lab.standby.upcoming if lab.standby is not None else None
-    failures: list[TrialResult] = []
-    for k in range(runs):
-        seed = lab.config.lab.seed + k
-        if any(m.seed == seed for m in lab.store.measurements(exp.id)):
-            continue
-        if lab.standby is not None and k + 1 < runs:  # the next seed: same files
-            names, folder = lab.config.lab.allowed_files, state_dir(lab.dir) / "worktrees" / TRAIN_WORKTREE
-            lab.standby.upcoming = lambda s=seed + 1: standby.Expected(standby.files_in(folder, names), s)
-        elif lab.standby is not None and k + 1 == runs:
-            lab.standby.upcoming = after  # what the loop expects after the baseline
-        result = run(lab, exp, Trial(exp.id, lab.run.base_commit, seed, "baseline", k))
-        if result.status != "ok":
-            failures.append(result)
+    done = {m.seed for m in lab.store.measurements(exp.id)}
+    seeds = [lab.config.lab.seed + k for k in range(runs)]
+    return [Trial(exp.id, lab.run.base_commit, seed, "baseline", k) for k, seed in enumerate(seeds) if seed not in done]
+
+
+def finish_baseline(lab: Lab, exp: Experiment) -> Experiment:
+    """Judge the measured baseline: kept with the mean of its seeds, or ``BaselineError`` when none trained."""
     values = lab.store.values(exp.id)
     if not values:
-        why = failures[-1] if failures else None
-        lab.store.update(exp.id, status="crash", stage="done", reason=f"baseline failed: {why.reason if why else '?'}",
-                         error=why.error if why else "", finished_at=now())
-        raise BaselineError(f"the baseline train.py failed ({why.reason if why else 'no result'}); fix train.py at "
+        failed = [m for m in lab.store.measurements(exp.id) if m.status != "ok"]
+        why = failed[-1].reason if failed else "no result"
+        lab.store.update(exp.id, status="crash", stage="done", reason=f"baseline failed: {why}", finished_at=now())
+        raise BaselineError(f"the baseline train.py failed ({why}); fix train.py at "
                             f"{lab.run.base_commit[:10]} and run again (log: {lab.runs_dir / str(exp.id)})")
     exp = lab.store.update(exp.id, status="keep", stage="done", val_bpb=policy.mean(values),
                            reason=f"baseline over {len(values)} seed(s)", finished_at=now())

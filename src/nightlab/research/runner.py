@@ -124,7 +124,10 @@ def run_trial(
 
     def on_tick(elapsed: float) -> None:
         if standby is not None and elapsed >= START_AT * config.lab.budget_s:
-            standby.launch(workdir, config, data_dir, device, preset, extra_env)
+            try:
+                standby.launch(workdir, config, data_dir, device, preset, extra_env)
+            except Exception:  # noqa: BLE001 -- a standby that cannot start must not stop this trial
+                standby.upcoming = None
 
     train = _run_group(
         command, workdir, env, log_path, cap,

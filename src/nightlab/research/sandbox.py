@@ -162,6 +162,18 @@ class Guard:
         guard.rows, guard.measured = _store_rows(guard.store_path, exp_id)
         return guard
 
+    def accept(self, exp_id: int, seed: int) -> None:
+        """Take the measurement the orchestrator just recorded for a sibling trial (``exp_id``,
+        ``seed``: the same experiment, another seed, trained beside this one) as part of the
+        store as it should be."""
+        if exp_id != self.exp_id:
+            return
+        _, measured = _store_rows(self.store_path, self.exp_id, only={self.exp_id})
+        known = set(self.measured.get(exp_id, []))
+        self.measured.setdefault(exp_id, []).extend(
+            r for r in measured.get(exp_id, []) if r not in known and r[2] == seed)
+        self.measured[exp_id].sort()
+
     def check(self) -> list[str]:
         """What the trial changed, each put back; empty when nothing was touched."""
         changes = self._check_files() + self._check_store()

@@ -35,8 +35,8 @@ from typing import Any
 
 from nightlab.research.agents.base import Proposal, ProposalError, Proposer
 from nightlab.research.experiment import (
-    Lab, Trainer, Trial, admit, conclude, context, invalid_proposal, measure_baseline, next_trial,
-    observe, record_trial, recover, runs_processes, start_trial,
+    BaselineError, Lab, Trainer, Trial, admit, baseline_row, baseline_trials, conclude, context, finish_baseline,
+    invalid_proposal, next_trial, observe, record_trial, recover, runs_processes, start_trial,
 )
 from nightlab.research import sandbox, standby
 from nightlab.research.notes import Board
@@ -103,6 +103,9 @@ class Scheduler:
         self.done: list[Experiment] = []
         self._next_researcher = 0
         self.guards: dict[tuple[int, int], sandbox.Guard] = {}  # (experiment, seed) -> what its trial must leave
+        self.in_flight: dict[str, tuple[int, Trial]] = {}  # worker -> the trial it runs
+        self.baseline_id: int | None = None  # the baseline, while its seeds are being measured
+        self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -112,20 +115,22 @@ class Scheduler:
         lab, stop = self.lab, stop or threading.Event()
         started = time.monotonic()
         deadline = started + hours * 3600 if hours > 0 else float("inf")
-        for exp in recover(lab):
+        recovered = recover(lab)
+        # The baseline's seeds are queued first, one per free worker; experiments start beside them
+        # and wait for the baseline's verdict before their own (``_continue``).
+        baseline = baseline_row(lab)
+        if not baseline.finished:
+            self.baseline_id = baseline.id
+            self.ready.extend((baseline.id, trial) for trial in baseline_trials(lab, baseline))
+            if not self.ready:  # every seed was measured before a kill: judge it now
+                self._baseline_measured()
+        for exp in recovered:
             lab.say(f"#{exp.id}: resuming ({exp.description})")
             self.board.hold(exp.claim, exp.agent)
-            trial = next_trial(lab, exp)
-            if trial is None:
-                self._finished(conclude(lab, exp))
-            else:
-                self.ready.append((exp.id, trial))
-        baseline_trainer = lab.trainer
-        lab.trainer = self.workers[0].trainer
-        try:
-            measure_baseline(lab)
-        finally:
-            lab.trainer = baseline_trainer
+            if self.baseline_id is not None and lab.store.measurements(exp.id):
+                self.waiting.append(exp.id)  # measured, judged once the baseline is
+                continue
+            self._continue(lab.store.get(exp.id), first=self.baseline_id is not None)
         counted = sum(lab.store.status_counts(lab.run.tag, kind="experiment").values())
 
         def more() -> bool:
@@ -165,10 +170,12 @@ class Scheduler:
                 before = self.tally.rows
                 try:
                     self._handle(event)
+                except BaselineError:
+                    raise
                 except Exception as e:  # noqa: BLE001 -- e.g. a full disk or a git failure in one experiment
                     self._failed(event, e)
                 counted += self.tally.rows - before
-        except BaseException:  # a second Ctrl-C: stop the trials now; --resume runs them again
+        except BaseException:  # a second Ctrl-C (or no baseline): stop the trials now; --resume runs them again
             self._stop_running()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -229,8 +236,11 @@ class Scheduler:
         if event[0] == "trial":
             worker, exp_id = event[1], event[2]
             self.guards.pop((exp_id, event[3].seed), None)
+            self.in_flight.pop(worker.name, None)
             if worker not in self.idle:
                 self.idle.append(worker)
+            if exp_id == self.baseline_id:
+                raise BaselineError(f"the baseline could not be measured: {reason}")
             exp = self.lab.store.update(exp_id, status="crash", stage="done", pgid=None, reason=reason,
                                         finished_at=now())
             self.done.append(exp)
@@ -327,6 +337,7 @@ class Scheduler:
             self.guards[exp_id, trial.seed] = sandbox.Guard.take(lab.dir, lab.store.path, exp_id)
         progress = lab.on_progress
         on_progress = (lambda line: progress(f"[{worker.name}] {line}")) if progress else None
+        self.in_flight[worker.name] = (exp_id, trial)
         future = self.pool.submit(
             worker.trainer, work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=on_progress,
             on_stage=lambda stage, pgid: self.events.put(("stage", exp_id, stage, pgid)),
@@ -336,6 +347,7 @@ class Scheduler:
     def _trained(self, worker: Worker, exp_id: int, trial: Trial, future: Future) -> None:
         lab = self.lab
         self.idle.append(worker)
+        self.in_flight.pop(worker.name, None)
         self.tally.trials += 1
         try:
             result = future.result()
@@ -347,11 +359,43 @@ class Scheduler:
                                          reason=f"the trial changed the lab outside its run folder: {'; '.join(touched)}")
         exp = lab.store.get(exp_id)
         record_trial(lab, exp, trial, result)
+        for (sibling, _seed), other in self.guards.items():  # seeds of one experiment train side by side
+            if sibling == exp_id:
+                other.accept(exp_id, trial.seed)
+        if exp_id == self.baseline_id:
+            if not any(queued == exp_id for queued, _ in self.ready) and not self._running(exp_id):
+                self._baseline_measured()
+            return
+        if self.baseline_id is not None:
+            self.waiting.append(exp_id)  # its verdict needs the baseline's
+            return
+        self._continue(exp)
+
+    def _continue(self, exp: Experiment, first: bool = False) -> None:
+        """Queue ``exp``'s next trial, or judge it when it has them all (``first``: queue its first
+        trial only if it has none yet, as when the baseline is still being measured)."""
+        lab = self.lab
+        if first:
+            self.ready.append((exp.id, Trial(exp.id, exp.commit_sha or "", lab.config.lab.seed, "first", 0)))
+            return
         following = next_trial(lab, exp)
         if following is not None:
-            self.ready.appendleft((exp_id, following))
+            self.ready.appendleft((exp.id, following))
             return
         self._finished(conclude(lab, exp))
+
+    def _running(self, exp_id: int) -> bool:
+        return any(running == exp_id for running, _ in self.in_flight.values())
+
+    def _baseline_measured(self) -> None:
+        """All the baseline's seeds are in: judge it (``BaselineError`` if none trained), then the
+        experiments that were waiting for it."""
+        lab = self.lab
+        finish_baseline(lab, lab.store.get(self.baseline_id))
+        self.baseline_id = None
+        waiting, self.waiting = self.waiting, []
+        for exp_id in waiting:
+            self._continue(lab.store.get(exp_id))
 
     # -- verdicts ------------------------------------------------------------------------------
 

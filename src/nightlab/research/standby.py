@@ -37,6 +37,7 @@ from nightlab.research import sandbox
 
 MAX_USED_SHARE = 0.45  # start a standby only while at most this share of the GPU's memory is in use
 START_AT = 0.25  # share of the current trial's budget after which the standby starts
+RETRY_S = 1.0  # between two attempts to start one (asking the loop, nvidia-smi)
 WORK, OUT, GATE, LOG = "work", "out", "gate", "train.log"
 
 
@@ -87,6 +88,7 @@ class Standby:
         self._proc: subprocess.Popen | None = None
         self._slot = self.root
         self._launched = 0.0
+        self._next_try = 0.0  # nothing expected, or no room: ask again after RETRY_S
         self._lock = threading.Lock()
         self.started = self.adopted = 0  # for the log and the benchmark
 
@@ -99,8 +101,9 @@ class Standby:
         """Start the expected trial in the background (``workdir`` gives the files that cannot
         change between trials); False when nothing is expected, one is waiting, or the GPU is full."""
         with self._lock:
-            if self._proc is not None or self.upcoming is None:
+            if self._proc is not None or self.upcoming is None or time.monotonic() < self._next_try:
                 return False
+            self._next_try = time.monotonic() + RETRY_S
             try:
                 expected = self.upcoming()
             except Exception:  # noqa: BLE001 -- a guess that fails to form is no guess
