@@ -207,3 +207,31 @@ def test_a_standby_that_fails_to_start_leaves_the_running_trial_alone(tmp_path, 
     result = run_trial(first, tmp_path / "run1", _config(), 0, data_dir=data_dir, standby=held)
     assert result.status == "ok" and held.started == 0
     assert held.upcoming is None  # given up for this trial: the loop sets a new guess for the next
+
+
+@pytest.mark.slow
+def test_nightlab_run_with_an_org_on_one_device_uses_a_standby(tmp_path, data_dir):
+    from fixtures.standin.helpers import git
+    from nightlab.cli import main
+    from nightlab.research.store import Store
+
+    train_py = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.5)
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0), train_py)
+    (lab_dir / "org").mkdir()
+    (lab_dir / "org" / "researcher.md").write_text("---\nkind: researcher\nbackend: scripted\n---\nBe careful.\n")
+    (lab_dir / "org" / "reviewer.md").write_text("---\nkind: reviewer\n---\n")
+    git(lab_dir, "add", "-A")
+    git(lab_dir, "commit", "-qm", "org")
+    (lab_dir / ".nightlab").mkdir()
+    steps = [{"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5",
+                                                     "new": "SHARPNESS = 1.0"}]},
+             {"description": "noisy", "replace": [{"file": "train.py", "old": "NOISE = 0.0", "new": "NOISE = 0.5"}]}]
+    (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps(steps))
+    assert main(["run", "--lab", str(lab_dir), "--data", str(data_dir), "--tag", "t", "--max-experiments", "2",
+                 "--set", 'lab.standby="on"']) == 0
+    with Store.open(lab_dir) as store:
+        rows = store.experiments("t")
+    assert [(e.description, e.status, e.worker) for e in rows] == [
+        ("baseline", "keep", "local"), ("sharper", "keep", "local"), ("noisy", "discard", "local")]
+    started_early = sorted(p.parent.name for p in (lab_dir / ".nightlab" / "runs").rglob("standby.json"))
+    assert started_early and set(started_early) <= {str(e.id) for e in rows[1:]}
