@@ -42,20 +42,31 @@ def _workdir(path: Path, **constants) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state not in ("Z", "X")
+        return "X"
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "X")
 
 
 def test_the_expected_trial_starts_during_the_current_one_and_trains_after_it(tmp_path, data_dir):
     first, second = _workdir(tmp_path / "a"), _workdir(tmp_path / "b", SHARPNESS=0.5, STARTUP_S=0.5)
     held = Standby(tmp_path / "standby", upcoming=lambda: Expected(standby.files_in(second, ("train.py",)), 3))
-    one = run_trial(first, tmp_path / "run1", _config(), 0, data_dir=data_dir, standby=held)
+    states = []
+
+    def on_stage(stage, pid):  # while the evaluator scores trial one, the waiting process is stopped
+        if stage == "eval":
+            waiting = json.loads((tmp_path / "standby" / "1" / "gate" / "ready").read_text())["pid"]
+            states.append(_state(waiting))
+
+    one = run_trial(first, tmp_path / "run1", _config(), 0, data_dir=data_dir, standby=held, on_stage=on_stage)
     ended = time.time()
     assert one.status == "ok" and held.started == 1 and held.adopted == 0
+    assert states == ["T"]
     held.upcoming = None  # nothing more expected: the second trial must not start a third
     lines: list[str] = []
     two = run_trial(second, tmp_path / "run2", _config(), 3, data_dir=data_dir, standby=held, on_progress=lines.append)
@@ -130,6 +141,34 @@ def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_a_standby_stopped_by_a_killed_run_is_reaped_by_the_next(tmp_path, data_dir):
+    # Killed while an evaluation ran: the waiting process is stopped and cannot see its runner go.
+    work = _workdir(tmp_path / "a")
+    root = tmp_path / "lab" / ".nightlab" / "standby"
+    script = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from nightlab.config import Config
+        from nightlab.research import standby
+        config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'"])
+        held = standby.Standby(Path({str(root / 'local')!r}),
+                               upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
+        held.launch(Path({str(work)!r}), config, Path({str(data_dir)!r}), "cpu", "cpu", {{}})
+        ready = Path({str(root / 'local' / '1' / 'gate' / 'ready')!r})
+        while not ready.exists():
+            time.sleep(0.05)
+        held.pause()
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    pid = json.loads((root / "local" / "1" / "gate" / "ready").read_text())["pid"]
+    time.sleep(0.5)
+    assert _state(pid) == "T"  # still there, stopped
+    killed = standby.reap(root)
+    assert len(killed) == 1 and f"pid {pid}" in killed[0]
+    assert not _alive(pid) and not root.exists()
 
 
 def test_no_standby_off_cuda_unless_asked_nor_under_bwrap():

@@ -467,6 +467,8 @@ def recover(lab: Lab) -> list[Experiment]:
     Returns the experiments left unfinished (committed, partly measured): the caller executes
     them again, which runs only their missing trials.
     """
+    for line in standby.reap(state_dir(lab.dir) / "standby"):
+        lab.say(f"stopped a standby process left by the previous run: {line}")
     unfinished = []
     for exp in lab.experiments():
         if exp.finished:

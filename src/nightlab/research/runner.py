@@ -172,11 +172,17 @@ def run_trial(
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
     if config.lab.sandbox == "bwrap":
         command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir], readable=[workdir, data_dir])
-    evaluation = _run_group(
-        command, workdir, env, eval_log, config.lab.eval_timeout_s,
-        on_start=lambda pid: on_stage and on_stage("eval", pid),
-    )
-    report = _read_json(eval_out)
+    if standby is not None:
+        standby.pause()  # the next trial's code stays still while this one is scored
+    try:
+        evaluation = _run_group(
+            command, workdir, env, eval_log, config.lab.eval_timeout_s,
+            on_start=lambda pid: on_stage and on_stage("eval", pid),
+        )
+        report = _read_json(eval_out)
+    finally:
+        if standby is not None:
+            standby.resume()
     base.update(eval=report, eval_s=evaluation.seconds)
     if escaped := sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),

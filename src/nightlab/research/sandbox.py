@@ -104,7 +104,12 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list
 def escaped(run_dir: Path) -> list[str]:
     """Kill live processes whose environment has ``NIGHTLAB_OUT=run_dir`` (and wait until they are gone);
     describe each one killed."""
-    marker = f"\0NIGHTLAB_OUT={Path(run_dir).resolve()}\0".encode()
+    return kill_marked(f"\0NIGHTLAB_OUT={Path(run_dir).resolve()}\0".encode())
+
+
+def kill_marked(marker: bytes) -> list[str]:
+    """Kill live processes whose environment (NUL-separated, with a NUL in front) contains
+    ``marker``, and wait until they are gone; describe each one killed."""
     killed, pids = [], []
     proc = Path("/proc")
     if not proc.is_dir():

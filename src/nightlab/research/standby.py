@@ -16,13 +16,17 @@ in use or less, by ``nvidia-smi``), never under the bubblewrap sandbox, and by d
 CUDA (``lab.standby = "auto"``; on the CPU the two processes would share the cores).
 
 Fairness stays as it was: the time a standby spends before ``lab.ready()`` counts against the
-startup allowance like any startup, and only the wait for the gate is free. A standby whose
-parent (this runner) dies leaves by itself (``Session.ready`` checks).
+startup allowance like any startup, and only the wait for the gate is free. While the trusted
+evaluator scores the current trial the standby is stopped (SIGSTOP), so no agent code runs beside
+an evaluation. A standby whose parent (this runner) dies leaves by itself (``Session.ready``
+checks); one left stopped is killed by the next run (``reap``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -150,6 +154,22 @@ class Standby:
             self.adopted += 1
             return Waiting(proc, self._slot, startup_s=max(0.0, startup))
 
+    def pause(self) -> None:
+        """Stop the waiting process where it is (SIGSTOP): no agent code runs while the trusted
+        evaluator scores the current trial."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                try:
+                    os.killpg(self._proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
     def close(self) -> None:
         """Stop the waiting process, if any (the loop is over)."""
         with self._lock:
@@ -157,6 +177,14 @@ class Standby:
                 _stop(self._proc)
                 shutil.rmtree(self._slot, ignore_errors=True)
             self._proc, self.expected = None, None
+
+
+def reap(root: Path) -> list[str]:
+    """Kill standby processes a killed run left under ``root`` (``.nightlab/standby``): waiting,
+    or stopped while an evaluation ran (a stopped process cannot notice that its runner is gone)."""
+    killed = sandbox.kill_marked(f"\0{ENV_GATE}={Path(root).resolve()}/".encode())
+    shutil.rmtree(root, ignore_errors=True)
+    return killed
 
 
 def attach(lab) -> None:
