@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fixtures.standin.helpers import (
-    STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant,
+    REVIEWER_MD, RESEARCHER_MD, STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, make_org_lab, open_lab,
+    set_constant,
 )
 from nightlab.config import load
 from nightlab.research.agents.scripted import ScriptedProposer
@@ -175,23 +176,11 @@ def test_two_cpu_workers_train_real_trials_side_by_side(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_nightlab_run_with_an_org_on_two_cpu_devices(tmp_path, data_dir):
-    import json
-
     from nightlab.cli import main
 
-    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),
-                       set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
-    (lab_dir / "org").mkdir()
-    (lab_dir / "org" / "researcher.md").write_text("---\nkind: researcher\nbackend: scripted\n---\nBe careful.\n")
-    (lab_dir / "org" / "reviewer.md").write_text("---\nkind: reviewer\n---\n")
-    (lab_dir / "org" / "lead.md").write_text("---\nkind: lead\nevery: 2\n---\n")
-    git(lab_dir, "add", "-A")
-    git(lab_dir, "commit", "-qm", "org")
-    (lab_dir / ".nightlab").mkdir()
-    steps = [{"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5",
-                                                     "new": "SHARPNESS = 1.0"}]},
-             {"description": "noisy", "replace": [{"file": "train.py", "old": "NOISE = 0.0", "new": "NOISE = 0.5"}]}]
-    (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps(steps))
+    roles = {"researcher.md": RESEARCHER_MD, "reviewer.md": REVIEWER_MD, "lead.md": "---\nkind: lead\nevery: 2\n---\n"}
+    lab_dir = make_org_lab(tmp_path / "lab", set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), roles,
+                           lab_toml(baseline_runs=1, confirm_runs=0))
     assert main(["run", "--lab", str(lab_dir), "--data", str(data_dir), "--tag", "t", "--devices", "cpu,cpu",
                  "--max-experiments", "2"]) == 0
     with Store.open(lab_dir) as store:

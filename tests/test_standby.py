@@ -7,7 +7,6 @@ the real evaluator, and for the loops real git and SQLite.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -119,24 +118,31 @@ def test_its_startup_counts_against_the_allowance(tmp_path, data_dir):
     assert held.adopted == 1 and late.status == "timeout"
 
 
-def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
-    work = _workdir(tmp_path / "a")
+def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool) -> int:
+    """The pid of a standby whose runner was killed (``os._exit``: no cleanup) once it was waiting,
+    stopped first when ``pause`` (killed while an evaluation ran)."""
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, time
         from pathlib import Path
         from nightlab.config import Config
         from nightlab.research import standby
         config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'"])
-        held = standby.Standby(Path({str(tmp_path / 'standby')!r}),
+        held = standby.Standby(Path({str(root)!r}),
                                upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
         held.launch(Path({str(work)!r}), config, Path({str(data_dir)!r}), "cpu", "cpu", {{}})
-        ready = Path({str(tmp_path / 'standby' / '1' / 'gate' / 'ready')!r})
+        ready = Path({str(root / '1' / 'gate' / 'ready')!r})
         while not ready.exists():
             time.sleep(0.05)
-        os._exit(0)  # like kill -9: no cleanup
+        if {pause!r}:
+            held.pause()
+        os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    pid = json.loads((tmp_path / "standby" / "1" / "gate" / "ready").read_text())["pid"]
+    return json.loads((root / "1" / "gate" / "ready").read_text())["pid"]
+
+
+def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
+    pid = _orphaned_standby(tmp_path / "standby", _workdir(tmp_path / "a"), data_dir, pause=False)
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -145,25 +151,8 @@ def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
 
 def test_a_standby_stopped_by_a_killed_run_is_reaped_by_the_next(tmp_path, data_dir):
     # Killed while an evaluation ran: the waiting process is stopped and cannot see its runner go.
-    work = _workdir(tmp_path / "a")
     root = tmp_path / "lab" / ".nightlab" / "standby"
-    script = textwrap.dedent(f"""
-        import os, time
-        from pathlib import Path
-        from nightlab.config import Config
-        from nightlab.research import standby
-        config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'"])
-        held = standby.Standby(Path({str(root / 'local')!r}),
-                               upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
-        held.launch(Path({str(work)!r}), config, Path({str(data_dir)!r}), "cpu", "cpu", {{}})
-        ready = Path({str(root / 'local' / '1' / 'gate' / 'ready')!r})
-        while not ready.exists():
-            time.sleep(0.05)
-        held.pause()
-        os._exit(0)
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    pid = json.loads((root / "local" / "1" / "gate" / "ready").read_text())["pid"]
+    pid = _orphaned_standby(root / "local", _workdir(tmp_path / "a"), data_dir, pause=True)
     time.sleep(0.5)
     assert _state(pid) == "T"  # still there, stopped
     killed = standby.reap(root)
@@ -250,22 +239,13 @@ def test_a_standby_that_fails_to_start_leaves_the_running_trial_alone(tmp_path, 
 
 @pytest.mark.slow
 def test_nightlab_run_with_an_org_on_one_device_uses_a_standby(tmp_path, data_dir):
-    from fixtures.standin.helpers import git
+    from fixtures.standin.helpers import RESEARCHER_MD, REVIEWER_MD, make_org_lab
     from nightlab.cli import main
     from nightlab.research.store import Store
 
     train_py = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.5)
-    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0), train_py)
-    (lab_dir / "org").mkdir()
-    (lab_dir / "org" / "researcher.md").write_text("---\nkind: researcher\nbackend: scripted\n---\nBe careful.\n")
-    (lab_dir / "org" / "reviewer.md").write_text("---\nkind: reviewer\n---\n")
-    git(lab_dir, "add", "-A")
-    git(lab_dir, "commit", "-qm", "org")
-    (lab_dir / ".nightlab").mkdir()
-    steps = [{"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5",
-                                                     "new": "SHARPNESS = 1.0"}]},
-             {"description": "noisy", "replace": [{"file": "train.py", "old": "NOISE = 0.0", "new": "NOISE = 0.5"}]}]
-    (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps(steps))
+    lab_dir = make_org_lab(tmp_path / "lab", train_py, {"researcher.md": RESEARCHER_MD, "reviewer.md": REVIEWER_MD},
+                           lab_toml(baseline_runs=1, confirm_runs=0))
     assert main(["run", "--lab", str(lab_dir), "--data", str(data_dir), "--tag", "t", "--max-experiments", "2",
                  "--set", 'lab.standby="on"']) == 0
     with Store.open(lab_dir) as store:

@@ -195,14 +195,10 @@ class Scheduler:
     @staticmethod
     def _with_standby(lab: Lab, worker: Worker) -> Worker:
         """``worker`` with a standby where ``lab.standby`` allows one on its device."""
-        if worker.standby is not None or not worker.device or not runs_processes(worker.trainer):
+        if worker.standby is not None or not worker.device:
             return worker
-        if not standby.enabled(lab.config, worker.device):
-            return worker
-        held = standby.Standby(lab.dir / ".nightlab" / "standby" / worker.name)
-        trainer = functools.partial(worker.trainer, standby=held)
-        worker = dataclasses.replace(worker, trainer=trainer, standby=held)
-        return worker
+        trainer, held = standby.equip(lab, worker.trainer, worker.device, worker.name)
+        return dataclasses.replace(worker, trainer=trainer, standby=held)
 
     def _expected(self, worker: Worker) -> standby.Expected | None:
         """The queued trial ``worker`` will probably take next: the first no other standby holds.

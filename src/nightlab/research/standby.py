@@ -187,20 +187,26 @@ def reap(root: Path) -> list[str]:
     return killed
 
 
-def attach(lab) -> None:
-    """Give the plain loop's one local worker a standby, where ``lab.standby`` allows it."""
+def equip(lab, trainer, device: str, worker: str):
+    """``(trainer, standby)`` for a worker on this machine: the trainer with a standby bound to it
+    where ``lab.standby`` allows one on ``device``, else the trainer as it is and None."""
     import functools
 
-    from nightlab.lab.session import resolve_device
     from nightlab.paths import state_dir
     from nightlab.research.experiment import runs_processes
 
-    if lab.standby is not None or not runs_processes(lab.trainer):
-        return
-    if not enabled(lab.config, resolve_device(lab.config.lab.device)):
-        return
-    lab.standby = Standby(state_dir(lab.dir) / "standby" / lab.worker)
-    lab.trainer = functools.partial(lab.trainer, standby=lab.standby)
+    if not runs_processes(trainer) or not enabled(lab.config, device):
+        return trainer, None
+    held = Standby(state_dir(lab.dir) / "standby" / worker)
+    return functools.partial(trainer, standby=held), held
+
+
+def attach(lab) -> None:
+    """Give the plain loop's one local worker a standby, where ``lab.standby`` allows it."""
+    from nightlab.lab.session import resolve_device
+
+    if lab.standby is None:
+        lab.trainer, lab.standby = equip(lab, lab.trainer, resolve_device(lab.config.lab.device), lab.worker)
 
 
 def has_room(device: str, env: dict[str, str]) -> bool:
