@@ -254,3 +254,16 @@ def test_nightlab_run_with_an_org_on_one_device_uses_a_standby(tmp_path, data_di
         ("baseline", "keep", "local"), ("sharper", "keep", "local"), ("noisy", "discard", "local")]
     started_early = sorted(p.parent.name for p in (lab_dir / ".nightlab" / "runs").rglob("standby.json"))
     assert started_early and set(started_early) <= {str(e.id) for e in rows[1:]}
+
+
+@pytest.mark.parametrize("used, expected", [(30000, True), (60000, False), (None, False)])
+def test_a_gpu_has_room_while_under_half_its_memory_is_in_use(tmp_path, monkeypatch, used, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if used is not None:  # a stand-in nvidia-smi that answers for the GPU it is asked about
+        tool = bin_dir / "nvidia-smi"
+        tool.write_text(f'#!/bin/sh\n[ "$2" = "1" ] && echo "{used}, 81559" || echo "0, 81559"\n')
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert standby.has_room("cuda", {"CUDA_VISIBLE_DEVICES": "1"}) is expected
+    assert standby.has_room("cpu", {}) is True
