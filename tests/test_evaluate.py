@@ -152,6 +152,30 @@ def test_probe_tolerance_allows_rounding_but_not_a_real_change() -> None:
     assert ev._first_mismatch(a, b) == 3
 
 
+class HalfEmbedding(torch.nn.Module):
+    """A causal toy whose embedding table is bf16: without autocast its activations meet fp32 weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16).to(torch.bfloat16)
+        self.head = torch.nn.Linear(16, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(idx))
+
+
+def test_probe_runs_a_model_with_bf16_weights_in_fp32_and_gives_them_back(data: Path) -> None:
+    model = HalfEmbedding()
+    table = model.embed.weight.detach().clone()
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(1, 4, dtype=torch.long))  # bf16 activations into an fp32 layer, as such
+    probes = ev.plan_probes(ev.read_val_split(data), SEQ_LEN)
+    ev.check_causality(model, probes, VOCAB, "cpu")  # no error, no leak
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(model.embed.weight, table)
+    assert model.head.weight.dtype == torch.float32
+
+
 def template_weights(train_py: Path, data: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Random weights for the template's CPU-preset model.
 

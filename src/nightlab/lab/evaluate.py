@@ -67,6 +67,7 @@ _where = torch.where
 _sum = torch.sum
 _isfinite = torch.isfinite
 _tensor_to = torch.Tensor.to
+_is_floating_point = torch.Tensor.is_floating_point
 _tensor_item = torch.Tensor.item
 _autocast_cls = torch.autocast
 _inference_mode = torch.inference_mode
@@ -314,26 +315,51 @@ def plan_probes(val: ValSplit, seq_len: int) -> list[Probe]:
 def check_causality(model: torch.nn.Module, probes: list[Probe], vocab_size: int, device: str) -> None:
     """Raise ``InvalidModel`` if the past's log-probabilities depend on the future or on batch-mates.
 
-    Runs in fp32 (no autocast), so the tolerance can be tight. Positions <= t of each changed
-    copy, and every position of the unchanged window in the batch, must match the lone forward.
+    Runs in fp32 (no autocast, every floating parameter and buffer in fp32 meanwhile), so the
+    tolerance can be tight. Positions <= t of each changed copy, and every position of the
+    unchanged window in the batch, must match the lone forward.
     """
-    for probe in probes:
-        length = probe.window.shape[1]
-        alone = _log_softmax(logits_of(model, _tensor_to(probe.window, device), vocab_size), -1)[0]
-        together = _log_softmax(logits_of(model, _tensor_to(probe.batch, device), vocab_size), -1)
-        pos = _first_mismatch(alone, together[0])
+    with _in_fp32(model):
+        for probe in probes:
+            _probe(model, probe, vocab_size, device)
+
+
+@contextlib.contextmanager
+def _in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """The model's floating parameters and buffers in fp32 inside, as they were after.
+
+    A model may keep some weights in bf16 (embedding tables, say) and rely on the autocast that
+    scoring runs under; without autocast its bf16 activations would meet fp32 weights. Casting
+    bf16 to fp32 and back is exact, so scoring sees the very weights the run saved.
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if _is_floating_point(t)]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = _tensor_to(t.data, torch.float32)
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = _tensor_to(t.data, dtype)
+
+
+def _probe(model: torch.nn.Module, probe: Probe, vocab_size: int, device: str) -> None:
+    length = probe.window.shape[1]
+    alone = _log_softmax(logits_of(model, _tensor_to(probe.window, device), vocab_size), -1)[0]
+    together = _log_softmax(logits_of(model, _tensor_to(probe.batch, device), vocab_size), -1)
+    pos = _first_mismatch(alone, together[0])
+    if pos is not None:
+        raise InvalidModel(
+            f"batch leak: log-probabilities at position {pos} of a window changed when the other windows "
+            "of its batch changed; each sequence must be scored on its own tokens only"
+        )
+    for t, row in zip(probe.cuts, together[2:]):
+        pos = _first_mismatch(alone[: t + 1], row[: t + 1])
         if pos is not None:
             raise InvalidModel(
-                f"batch leak: log-probabilities at position {pos} of a window changed when the other windows "
-                "of its batch changed; each sequence must be scored on its own tokens only"
+                f"causality leak: log-probabilities at position {pos} changed when only the tokens after "
+                f"position {t} changed (window of {length} tokens); position p may only see tokens 0..p"
             )
-        for t, row in zip(probe.cuts, together[2:]):
-            pos = _first_mismatch(alone[: t + 1], row[: t + 1])
-            if pos is not None:
-                raise InvalidModel(
-                    f"causality leak: log-probabilities at position {pos} changed when only the tokens after "
-                    f"position {t} changed (window of {length} tokens); position p may only see tokens 0..p"
-                )
 
 
 def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
