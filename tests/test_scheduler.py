@@ -102,6 +102,20 @@ def test_the_same_win_twice_is_not_measured_again(tmp_path):
     assert "already holds the change" in second.reason
 
 
+def test_past_the_deadline_a_queued_experiment_waits_for_the_next_run(tmp_path):
+    lab = _simulated_lab(tmp_path, seconds=1.0)  # two baseline seeds on one worker: 2 s
+    steps = [constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02)]
+    # The first proposal is asked when the first seed ends (1 s) and queued; the deadline (1.5 s)
+    # passes while the second seed trains.
+    Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], _workers(lab, 1)).run(hours=1.5 / 3600)
+    (queued,) = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert queued.started_at is None and not queued.finished
+    assert all(e.finished for e in lab.experiments() if e.kind == "baseline")  # under way: measured to the end
+    Scheduler(lab, [Researcher("a", ScriptedProposer(steps[1:]))], _workers(lab, 1)).run(max_experiments=1)
+    again = lab.store.get(queued.id)
+    assert again.finished and again.started_at is not None  # the next run measured it
+
+
 def test_claims_keep_two_researchers_off_the_same_agenda_item(tmp_path):
     lab = _simulated_lab(tmp_path, seconds=0.2)
     board = Board(lab.dir)

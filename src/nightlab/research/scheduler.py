@@ -18,6 +18,8 @@ finish comes back as an event, and the orchestrator records it, so the store see
   lead rewrites the agenda every ``lead.every`` experiments; new bests are added to the findings.
 - ``stop``: no new proposal or trial starts; running trials finish and are recorded; experiments
   left unfinished are resumed by the next run (``experiment.recover``).
+- ``hours``: after the deadline no new proposal is asked and no queued experiment starts (it is
+  resumed by the next run); experiments under way, the baseline included, get their remaining trials.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Scheduler:
         self.in_flight: dict[str, tuple[int, Trial]] = {}  # worker -> the trial it runs
         self.baseline_id: int | None = None  # the baseline, while its seeds are being measured
         self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
+        self.begun: set[int] = set()  # experiments with a trial started in this run
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -137,15 +140,19 @@ class Scheduler:
             limit = max_experiments and counted + self.asked >= max_experiments
             return not (stop.is_set() or limit or time.monotonic() >= deadline)
 
+        def may_start(item: tuple[int, Trial]) -> bool:
+            """Past the deadline no new experiment starts; one under way gets its remaining trials."""
+            return time.monotonic() < deadline or item[0] in self.begun or item[0] == self.baseline_id
+
         waited = 0.0
         pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker")
         self.pool = pool
         try:
             while True:
                 if not stop.is_set():
-                    while self.idle and self.ready:
+                    while self.idle and (item := self._next_for(self.idle[0], may_start)) is not None:
                         worker = self.idle.pop(0)
-                        exp_id, trial = self._next_for(worker)
+                        exp_id, trial = item
                         try:
                             self._start(worker, exp_id, trial)
                         except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
@@ -156,7 +163,10 @@ class Scheduler:
                         break
                     self._ask(researcher)
                 running = len(self.workers) - len(self.idle)
-                if not running and not self.asked and (stop.is_set() or not self.ready) and not more():
+                startable = any(may_start(item) for item in self.ready)
+                if not running and not self.asked and (stop.is_set() or not startable) and not more():
+                    if self.ready:
+                        lab.say(f"time is up: {len(self.ready)} queued experiment(s) left for the next run")
                     break
                 if not running and stop.is_set():
                     break  # proposals still out are dropped, as the single loop drops its pending one
@@ -210,14 +220,17 @@ class Scheduler:
                 return standby.Expected(files, trial.seed, key=(exp_id, trial.seed))
         return None
 
-    def _next_for(self, worker: Worker) -> tuple[int, Trial]:
-        """The queued trial for ``worker``: the one its standby holds, if queued; else the first."""
+    def _next_for(self, worker: Worker, may_start: Callable[[tuple[int, Trial]], bool]) -> tuple[int, Trial] | None:
+        """The queued trial for ``worker`` (taken off the queue): the one its standby holds, if
+        queued; else the first that ``may_start``; None if none may."""
         key = worker.standby.key if worker.standby is not None else ()
-        for item in self.ready:
-            if key and (item[0], item[1].seed) == key:
-                self.ready.remove(item)
-                return item
-        return self.ready.popleft()
+        allowed = [item for item in self.ready if may_start(item)]
+        held = [item for item in allowed if key and (item[0], item[1].seed) == key]
+        if not allowed:
+            return None
+        item = (held or allowed)[0]
+        self.ready.remove(item)
+        return item
 
     def _stop_running(self) -> None:
         """Stop the process groups of this run's trials that are still training or evaluating."""
@@ -334,6 +347,7 @@ class Scheduler:
         progress = lab.on_progress
         on_progress = (lambda line: progress(f"[{worker.name}] {line}")) if progress else None
         self.in_flight[worker.name] = (exp_id, trial)
+        self.begun.add(exp_id)
         future = self.pool.submit(
             worker.trainer, work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=on_progress,
             on_stage=lambda stage, pgid: self.events.put(("stage", exp_id, stage, pgid)),
