@@ -16,7 +16,9 @@ trial) and reads the store and every trial's `summary.json`:
 - how many trials started from a standby (`lab.standby`: the next trial compiles while this one
   trains), and the GPU's mean utilisation by `nvidia-smi`, sampled every half second.
 
-One JSON line goes to `--out` (default `$OUT/gpu_loop.jsonl`).
+One JSON line goes to `--out` (default `$OUT/gpu_loop.jsonl`). Stopped by SIGTERM (as `timeout`
+does), it stops the run's trials and still writes the line from the trials that finished, with
+`"interrupted": true`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,7 +95,17 @@ def main() -> int:
     samples = Path(tempfile.mkdtemp()) / "gpu.csv"
     sampler = sample_gpus(samples)
     t0 = time.time()
-    nightlab(*run, cwd=lab)
+    proc = subprocess.Popen([sys.executable, "-m", "nightlab", *run], cwd=lab)
+    interrupted = []
+
+    def stop_run(signum, frame):  # Ctrl-C twice: the run stops its trials now and records the rest
+        interrupted.append(signum)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop_run)
+    proc.wait()
     wall = time.time() - t0
     if sampler is not None:
         sampler.terminate()
@@ -128,7 +141,7 @@ def main() -> int:
     train = sum(w["train_s"] for w in per_worker.values())
     gpus = max(1, len(per_worker))
     row = {
-        "bench": "gpu_loop", "budget_s": args.budget, "devices": args.devices or "plain loop", "standby": args.standby,
+        "bench": "gpu_loop", "interrupted": bool(interrupted), "budget_s": args.budget, "devices": args.devices or "plain loop", "standby": args.standby,
         "constants": args.constants or "all",
         "trials": trials, "wall_s": round(wall, 1), "experiments_per_hour": round(trials / wall * 3600, 2),
         "train_share": round(train / (gpus * wall), 4),

@@ -109,6 +109,7 @@ class Scheduler:
         self.baseline_id: int | None = None  # the baseline, while its seeds are being measured
         self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
         self.begun: set[int] = set()  # experiments with a trial started in this run
+        self.deadline = float("inf")  # no new experiment starts after it (``run(hours=...)``)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ class Scheduler:
         """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``."""
         lab, stop = self.lab, stop or threading.Event()
         started = time.monotonic()
-        deadline = started + hours * 3600 if hours > 0 else float("inf")
+        deadline = self.deadline = started + hours * 3600 if hours > 0 else float("inf")
         recovered = recover(lab)
         # The baseline's seeds are queued first, one per free worker; experiments start beside them
         # and wait for the baseline's verdict before their own (``_continue``).
@@ -140,17 +141,13 @@ class Scheduler:
             limit = max_experiments and counted + self.asked >= max_experiments
             return not (stop.is_set() or limit or time.monotonic() >= deadline)
 
-        def may_start(item: tuple[int, Trial]) -> bool:
-            """Past the deadline no new experiment starts; one under way gets its remaining trials."""
-            return time.monotonic() < deadline or item[0] in self.begun or item[0] == self.baseline_id
-
         waited = 0.0
         pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker")
         self.pool = pool
         try:
             while True:
                 if not stop.is_set():
-                    while self.idle and (item := self._next_for(self.idle[0], may_start)) is not None:
+                    while self.idle and (item := self._next_for(self.idle[0])) is not None:
                         worker = self.idle.pop(0)
                         exp_id, trial = item
                         try:
@@ -163,7 +160,7 @@ class Scheduler:
                         break
                     self._ask(researcher)
                 running = len(self.workers) - len(self.idle)
-                startable = any(may_start(item) for item in self.ready)
+                startable = any(self._may_start(item) for item in self.ready)
                 if not running and not self.asked and (stop.is_set() or not startable) and not more():
                     if self.ready:
                         lab.say(f"time is up: {len(self.ready)} queued experiment(s) left for the next run")
@@ -215,16 +212,20 @@ class Scheduler:
         Called from the worker's thread: it reads the queue, never changes it."""
         held = {w.standby.key for w in self.workers if w is not worker and w.standby is not None}
         for exp_id, trial in list(self.ready):
-            if (exp_id, trial.seed) not in held:
+            if (exp_id, trial.seed) not in held and self._may_start((exp_id, trial)):
                 files = standby.files_at(self.lab.dir, trial.commit, self.lab.config.lab.allowed_files)
                 return standby.Expected(files, trial.seed, key=(exp_id, trial.seed))
         return None
 
-    def _next_for(self, worker: Worker, may_start: Callable[[tuple[int, Trial]], bool]) -> tuple[int, Trial] | None:
+    def _may_start(self, item: tuple[int, Trial]) -> bool:
+        """Past the deadline no new experiment starts; one under way gets its remaining trials."""
+        return time.monotonic() < self.deadline or item[0] in self.begun or item[0] == self.baseline_id
+
+    def _next_for(self, worker: Worker) -> tuple[int, Trial] | None:
         """The queued trial for ``worker`` (taken off the queue): the one its standby holds, if
-        queued; else the first that ``may_start``; None if none may."""
+        queued; else the first that may start; None if none may."""
         key = worker.standby.key if worker.standby is not None else ()
-        allowed = [item for item in self.ready if may_start(item)]
+        allowed = [item for item in self.ready if self._may_start(item)]
         held = [item for item in allowed if key and (item[0], item[1].seed) == key]
         if not allowed:
             return None
