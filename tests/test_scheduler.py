@@ -236,7 +236,8 @@ def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path,
     calls = []
 
     def failing_once(lab_, exp, trial, worker=None):
-        calls.append(exp.id) if exp.kind == "experiment" else None
+        if exp.kind == "experiment":
+            calls.append(exp.id)
         if exp.kind == "experiment" and len(calls) == 1:  # the first experiment's trial cannot start
             raise OSError(28, "No space left on device")
         return real_start(lab_, exp, trial, worker)
@@ -267,7 +268,7 @@ def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(
     spans = sorted((s["go_at"], s["go_at"] + s["training_seconds"]) for s in summaries)
     assert len(spans) == 3 and spans[0][1] > spans[1][0]  # two seeds trained at the same time
     # The experiment was judged against the finished baseline (all three seeds), never before it.
-    assert exp.status == "keep" and "vs best 6.440918" in exp.reason
+    assert exp.status == "keep" and f"vs best {base.val_bpb:.6f}" in exp.reason
     assert datetime.fromisoformat(exp.finished_at) >= datetime.fromisoformat(base.finished_at)
 
 

@@ -29,9 +29,12 @@ class DiffStats:
     removed: int
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+
 def git(cwd: Path, *args: str, input: str | None = None) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input, env=env)
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input, env=_env())
     if done.returncode != 0:
         raise GitError(f"git {' '.join(args)} (in {cwd}) failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.rstrip("\n")
@@ -141,8 +144,16 @@ def diff(repo: Path, parent: str, commit: str) -> str:
 
 def read_file(repo: Path, commit: str, path: str) -> str | None:
     """The file's exact text at ``commit`` (trailing newlines kept), or None where it is absent."""
-    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    return _show(repo, commit, path, text=True)
+
+
+def read_bytes(repo: Path, commit: str, path: str) -> bytes | None:
+    """The file's bytes at ``commit``, or None where it is absent."""
+    return _show(repo, commit, path, text=False)
+
+
+def _show(repo: Path, commit: str, path: str, text: bool):
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo, capture_output=True, text=text, env=_env())
     return done.stdout if done.returncode == 0 else None
 
 

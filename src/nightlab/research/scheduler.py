@@ -118,7 +118,7 @@ class Scheduler:
         """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``."""
         lab, stop = self.lab, stop or threading.Event()
         started = time.monotonic()
-        deadline = self.deadline = started + hours * 3600 if hours > 0 else float("inf")
+        self.deadline = started + hours * 3600 if hours > 0 else float("inf")
         recovered = recover(lab)
         # The baseline's seeds are queued first, one per free worker; experiments start beside them
         # and wait for the baseline's verdict before their own (``_continue``).
@@ -139,7 +139,7 @@ class Scheduler:
 
         def more() -> bool:
             limit = max_experiments and counted + self.asked >= max_experiments
-            return not (stop.is_set() or limit or time.monotonic() >= deadline)
+            return not (stop.is_set() or limit or time.monotonic() >= self.deadline)
 
         waited = 0.0
         pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker")
@@ -224,12 +224,11 @@ class Scheduler:
     def _next_for(self, worker: Worker) -> tuple[int, Trial] | None:
         """The queued trial for ``worker`` (taken off the queue): the one its standby holds, if
         queued; else the first that may start; None if none may."""
-        key = worker.standby.key if worker.standby is not None else ()
         allowed = [item for item in self.ready if self._may_start(item)]
-        held = [item for item in allowed if key and (item[0], item[1].seed) == key]
         if not allowed:
             return None
-        item = (held or allowed)[0]
+        key = worker.standby.key if worker.standby is not None else ()
+        item = next((item for item in allowed if key and (item[0], item[1].seed) == key), allowed[0])
         self.ready.remove(item)
         return item
 
@@ -328,7 +327,7 @@ class Scheduler:
         self.tally.rows += 1
         self.authors[exp.id] = (researcher, outcome)
         if exp.commit_sha and not exp.finished:
-            self.ready.append((exp.id, Trial(exp.id, exp.commit_sha, lab.config.lab.seed, "first", 0)))
+            self.ready.append(self._first(exp))
         else:
             self._finished(exp)
 
@@ -387,13 +386,17 @@ class Scheduler:
         trial only if it has none yet, as when the baseline is still being measured)."""
         lab = self.lab
         if first:
-            self.ready.append((exp.id, Trial(exp.id, exp.commit_sha or "", lab.config.lab.seed, "first", 0)))
+            self.ready.append(self._first(exp))
             return
         following = next_trial(lab, exp)
         if following is not None:
             self.ready.appendleft((exp.id, following))
             return
         self._finished(conclude(lab, exp))
+
+    def _first(self, exp: Experiment) -> tuple[int, Trial]:
+        """``exp``'s first trial, as the queue holds it."""
+        return exp.id, Trial(exp.id, exp.commit_sha or "", self.lab.config.lab.seed, "first", 0)
 
     def _running(self, exp_id: int) -> bool:
         return any(running == exp_id for running, _ in self.in_flight.values())
@@ -416,7 +419,7 @@ class Scheduler:
         for row in again:
             self.tally.reapplied += 1
             self.tally.rows += 1
-            self.ready.appendleft((row.id, Trial(row.id, row.commit_sha or "", lab.config.lab.seed, "first", 0)))
+            self.ready.appendleft(self._first(row))
         if exp.reason.startswith("conflict:"):
             self.tally.conflicts += 1
         author = self.authors.pop(exp.id, None)

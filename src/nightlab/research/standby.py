@@ -247,9 +247,6 @@ def files_in(folder: Path, names: tuple[str, ...]) -> dict[str, bytes]:
 
 def files_at(repo: Path, commit: str, names: tuple[str, ...]) -> dict[str, bytes]:
     """The allowed files ``names`` at ``commit``, byte for byte (absent ones left out)."""
-    found = {}
-    for name in names:
-        done = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=repo, capture_output=True)
-        if done.returncode == 0:
-            found[name] = done.stdout
-    return found
+    from nightlab.research import git
+
+    return {name: data for name in names if (data := git.read_bytes(repo, commit, name)) is not None}
