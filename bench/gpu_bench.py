@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--train-py", type=Path, help="a train.py variant to run instead of the template")
     ap.add_argument("--change", default="template", help="what this run measures, for the record")
     ap.add_argument("--set", action="append", default=[], help="extra nightlab.toml overrides")
+    ap.add_argument("--eval-modes", action="store_true",
+                    help="also score each trained model as bench/eval_modes.py does (BOS in front, document heads)")
     default_out = Path(os.environ["OUT"]) / "results.jsonl" if os.environ.get("OUT") else ROOT / "bench/new_results.jsonl"
     ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args()
@@ -75,8 +77,16 @@ def main() -> int:
             "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
             "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
             "peak_mem_gb": round(record.get("peak_memory_mb", 0) / 1024, 2), "status": record.get("status"),
-            "kept": None,
+            "train_loss": record.get("train_loss"), "val_loss_nats": ev.get("val_loss_nats"), "kept": None,
         }
+        weights = Path(record["run_dir"]) / "model.pt"
+        if args.eval_modes and weights.exists():
+            data = (Path(record["run_dir"]) / "data/manifest.json").resolve().parent
+            modes = Path(record["run_dir"]) / "eval_modes.json"
+            subprocess.run([sys.executable, str(ROOT / "bench/eval_modes.py"), "--train-py", str(lab / "train.py"),
+                            "--weights", str(weights), "--data", str(data), "--out", str(modes)], cwd=lab)
+            if modes.exists():
+                row["eval_modes"] = json.loads(modes.read_text())
         rows.append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:

@@ -2,6 +2,8 @@
 
 Isolates the model, optimizer and compile from the data pipeline: run on the GPU machine with
 `python bench/template_speed.py --budget 40`. Prints startup seconds, tokens/s, MFU and peak memory.
+With `--profile FILE` it also writes the table of the GPU kernels that took the most time (give it
+a short budget: the trace grows with the run).
 """
 
 import argparse
@@ -22,6 +24,7 @@ def main() -> None:
     ap.add_argument("--train-py", default=str(ROOT / "src/nightlab/template/train.py"))
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--set", action="append", default=[], help="CONSTANT=value overrides for train.py")
+    ap.add_argument("--profile", type=Path, help="profile the run's GPU kernels; write the table of the top ones here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     (tmp / "manifest.json").write_text(json.dumps({"vocab_size": args.vocab, "bos_id": args.vocab - 1, "corpus_hash": "random"}))
@@ -49,8 +52,19 @@ def main() -> None:
         **{f.name: getattr(lab, f.name) for f in dataclasses.fields(lab)},
         "train_loader": staticmethod(lambda b, t: RandomLoader(b, t)),
         "finish": lab.finish,
+        "ready": lab.ready,
     })()
-    train.main()
+    if not args.profile:
+        train.main()
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        train.main()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "self_cpu_time_total", row_limit=45, max_name_column_width=90)
+    args.profile.write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
