@@ -325,7 +325,9 @@ def main():
     rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a smaller total batch shrinks the micro-batch
     assert TOTAL_BATCH_SIZE % (rows * SEQ_LEN) == 0, "TOTAL_BATCH_SIZE must be a multiple of a micro-batch"
     accum_steps = TOTAL_BATCH_SIZE // (rows * SEQ_LEN)
-    batches = iter(lab.train_loader(rows, SEQ_LEN))
+    # Rows one token longer, with their first token (always BOS) dropped: the evaluator's windows
+    # start anywhere in the stream, mostly inside a document, so training must not count on BOS at 0.
+    batches = iter(lab.train_loader(rows, SEQ_LEN + 1))
     print(f"model: {num_params / 1e6:.1f}M params, depth {DEPTH}, width {MODEL_DIM}, {N_HEAD} heads | "
           f"batch {TOTAL_BATCH_SIZE} tokens ({accum_steps} x {rows} x {SEQ_LEN}) | "
           f"{lab.device}, preset {lab.preset}, budget {lab.budget_s:.0f}s, corpus {lab.corpus_hash}", flush=True)
@@ -343,6 +345,7 @@ def main():
         epoch = 0
         for _ in range(accum_steps):
             x, y, epoch = next(batches)
+            x, y = x[:, 1:].contiguous(), y[:, 1:].contiguous()
             with autocast:
                 loss = step_model(x, y)
             (loss / accum_steps).backward()
