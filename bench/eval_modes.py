@@ -52,9 +52,10 @@ def _score_rows(model, inputs: np.ndarray, targets: np.ndarray, first: int, val:
 
 def stream_rows(val: ev.ValSplit, seq_len: int, bos: int, prefix: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """Full windows of the val stream (the short last one left out), optionally with BOS in front."""
-    n = (len(val.tokens) - 1) // seq_len
-    inputs = np.stack([val.tokens[s * seq_len : (s + 1) * seq_len] for s in range(n)])
-    targets = np.stack([val.tokens[s * seq_len + 1 : (s + 1) * seq_len + 1] for s in range(n)])
+    starts = [s for s, length in ev.windows(len(val.tokens) - 1, seq_len) if length == seq_len]
+    inputs = np.stack([val.tokens[s : s + seq_len] for s in starts])
+    targets = np.stack([val.tokens[s + 1 : s + 1 + seq_len] for s in starts])
+    n = len(starts)
     if not prefix:
         return inputs, targets, 0
     inputs = np.concatenate([np.full((n, 1), bos), inputs], axis=1)
