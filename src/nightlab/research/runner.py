@@ -23,7 +23,7 @@ from typing import Any
 
 from nightlab.config import Config
 from nightlab.lab.session import resolve_device, resolve_preset
-from nightlab.research import sandbox
+from nightlab.research import pycache, sandbox
 from nightlab.research.standby import START_AT, Standby
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
@@ -75,6 +75,7 @@ def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: 
         NIGHTLAB_PRESET=preset,
         NIGHTLAB_SEED=str(int(seed)),
         PYTHONUNBUFFERED="1",
+        **pycache.env(),  # bytecode the lab compiled, read only: imports in seconds, not a dozen
     )
     return env
 
@@ -106,6 +107,7 @@ def run_trial(
     preset = resolve_preset(config.lab.preset, device)
     extra_env = dict(env or {})
     view = sandbox.train_view(data_dir, run_dir)  # training never gets the validation split
+    pycache.fill()  # once per machine and version, in the background
     env = {**train_env(config, run_dir, view, seed, device, preset), **extra_env}
     started = time.monotonic()
     common = dict(device=device, preset=preset)
