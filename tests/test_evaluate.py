@@ -266,3 +266,28 @@ def test_cli_writes_eval_json_and_exit_codes(tmp_path: Path, data: Path, weights
     assert cheat["val_bpb"] == pytest.approx(expected, rel=1e-9)
     broken = json.loads((tmp_path / "broken_train.py" / "eval.json").read_text())
     assert "this model cannot be built" in broken["reason"] and "Traceback" in outputs["broken_train.py"][2]
+
+
+def test_scoring_uses_prebuilt_attention_kernels_not_cudnn(tmp_path: Path, data: Path, weights: Path) -> None:
+    """cuDNN builds its attention kernels per shape at first call (seconds); the evaluator turns it off
+    while it probes and scores, and puts the setting back afterwards."""
+    toy_weights(weights)
+    seen = tmp_path / "backends.txt"
+    spy = tmp_path / "spy_train.py"
+    spy.write_text((FIXTURES / "toy_train.py").read_text().replace(
+        "        return self.table(idx) + self.pos[: idx.shape[1]]",
+        "        flags = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),\n"
+        "                 torch.backends.cuda.mem_efficient_sdp_enabled())\n"
+        f"        with open({str(seen)!r}, 'a') as f:\n"
+        "            f.write(' '.join(map(str, flags)) + '\\n')\n"
+        "        return self.table(idx) + self.pos[: idx.shape[1]]",
+    ))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+    result = ev.evaluate(spy, weights, data, seq_len=SEQ_LEN)
+
+    assert result["status"] == "ok", result["reason"]
+    calls = seen.read_text().splitlines()
+    assert len(calls) > ev.PROBE_WINDOWS  # the probes and the scoring batches
+    assert set(calls) == {"False True True"}
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was before

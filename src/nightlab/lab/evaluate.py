@@ -25,6 +25,10 @@ bytes (BOS and other special tokens) are not scored:
 
     val_bpb = sum of nats over scored targets / (ln 2 * sum of their UTF-8 bytes)
 
+Attention through ``scaled_dot_product_attention`` runs on PyTorch's prebuilt kernels (flash,
+memory-efficient, math), not cuDNN's: cuDNN builds its kernels for each new shape when first
+called, which cost about 2 s of a 3 s evaluation on an H100 (``bench/RESULTS.md``).
+
 Exit codes: 0 ok, 3 invalid, 1 error (the traceback is in ``reason`` and on stderr).
 """
 
@@ -45,6 +49,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nightlab.lab.session import resolve_device
 
@@ -71,6 +76,8 @@ _is_floating_point = torch.Tensor.is_floating_point
 _tensor_item = torch.Tensor.item
 _autocast_cls = torch.autocast
 _inference_mode = torch.inference_mode
+_sdpa_kernel = sdpa_kernel
+PREBUILT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 3
 DEFAULT_SEQ_LEN = 2048
@@ -157,7 +164,7 @@ def evaluate(
         probes = plan_probes(val, seq_len)
         plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size), max_tokens)
         model = load_model(Path(train_py), Path(weights), device, data_dir=Path(data_dir), preset=preset)
-        with _inference_mode():
+        with _inference_mode(), _sdpa_kernel(PREBUILT_ATTENTION):
             check_causality(model, probes, val.vocab_size, device)
             result["causal"] = True
             nats = score(model, plan, val.vocab_size, device)
