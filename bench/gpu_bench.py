@@ -7,7 +7,8 @@ One command for the GPU machine (from the repository root):
 It builds the `pycode` corpus from this machine's own Python installation, prepares it (tokenizer
 and token cache, reused when already there), runs `nightlab train` on the template (or on
 `--train-py FILE`) once per seed, and prints, for each run, `val_bpb`, tokens per second, MFU,
-steps, peak memory, startup-to-first-step time, evaluation time and the corpus hash. Each run is
+steps, peak memory, startup-to-first-step time, evaluation time, the trial's whole wall time that
+was not training (`overhead_s`: process launches and imports included) and the corpus hash. Each run is
 one JSON line in `--out` (default `$OUT/results.jsonl`, else `bench/new_results.jsonl`) in the
 format of `bench/results.jsonl`; copy the lines you keep into that file.
 """
@@ -34,6 +35,10 @@ def card_name() -> str:
         return out.strip().splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return "cpu"
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 2) if a is not None and b is not None else None
 
 
 def nightlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -76,6 +81,8 @@ def main() -> int:
             "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
             "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
             "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
+            # all the trial's wall time that was not training: both processes' launch, imports, startup, evaluation
+            "overhead_s": _minus(record.get("wall_s"), record.get("training_seconds")),
             "peak_mem_gb": round(record.get("peak_memory_mb", 0) / 1024, 2), "status": record.get("status"),
             "train_loss": record.get("train_loss"), "val_loss_nats": ev.get("val_loss_nats"), "kept": None,
         }
@@ -94,10 +101,12 @@ def main() -> int:
         if proc.returncode:
             print(f"run with seed {seed} ended with status {record.get('status')}", flush=True)
     print(f"\nprepare: {prepare_s:.0f}s | card: {card}")
-    print(f"{'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} {'mem GB':>7}  corpus")
+    print(f"{'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} {'overhead':>9} "
+          f"{'mem GB':>7}  corpus")
     for r in rows:
         print(f"{r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} {r['mfu'] or 0:>6.1f} "
-              f"{r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} {r['peak_mem_gb']:>7.1f}  "
+              f"{r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} {r['overhead_s'] or 0:>9.1f} "
+              f"{r['peak_mem_gb']:>7.1f}  "
               f"{r['corpus_hash']}")
     return 0
 

@@ -2,7 +2,7 @@
 
 Isolates the model, optimizer and compile from the data pipeline: run on the GPU machine with
 `python bench/template_speed.py --budget 40`. Prints startup seconds, tokens/s, MFU and peak memory.
-With `--profile FILE` it also writes the table of the GPU kernels that took the most time (give it
+At the end it prints the seconds each torch.compile phase took. With `--profile FILE` it also writes the table of the GPU kernels that took the most time (give it
 a short budget: the trace grows with the run).
 """
 
@@ -56,6 +56,7 @@ def main() -> None:
     })()
     if not args.profile:
         train.main()
+        print_compile_times(torch)
         return
     from torch.profiler import ProfilerActivity, profile
 
@@ -65,6 +66,15 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "self_cpu_time_total", row_limit=45, max_name_column_width=90)
     args.profile.write_text(table)
     print(table)
+    print_compile_times(torch)
+
+
+def print_compile_times(torch) -> None:
+    """Where startup went: seconds of each torch.compile phase, summed over the run's graphs."""
+    from torch._dynamo.utils import compile_times
+
+    print("compile times (s):")
+    print(compile_times(repr="str", aggregate=True))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ def test_init_prepare_train_on_the_gutenberg_sample(tmp_path: Path) -> None:
     assert math.isfinite(ev["val_bpb"]) and ev["val_bpb"] < 0.85 * uniform
     trained = json.loads((run_dir / "summary.json").read_text())
     assert trained["training_seconds"] >= 40 and trained["num_steps"] > 0 and trained["preset"] == "cpu"
+    # The record keeps the trial's wall times: all of it, the training process's and the evaluator's.
+    run = runs[0]
+    assert run["train_wall_s"] > run["training_seconds"] + run["startup_seconds"]
+    assert run["eval_wall_s"] > ev["eval_s"]
+    assert run["wall_s"] >= run["train_wall_s"] + run["eval_wall_s"]
 
 
 def test_init_refuses_a_folder_that_is_not_empty(tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "src" / "nightlab" / "template"
 
 
 def test_template_trains_on_rows_that_do_not_all_start_with_bos(
-    prepared_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The evaluator cuts the val stream into windows that mostly start inside a document, with no
     # BOS in front. A model that always saw BOS at position 0 in training scores such windows far
@@ -45,3 +46,12 @@ def test_template_trains_on_rows_that_do_not_all_start_with_bos(
     assert starts_with_bos < 0.5, f"{starts_with_bos:.0%} of training rows start with BOS"
     assert (rows == bos).any(), "BOS still marks the documents inside a row"
     assert (tmp_path / "out" / "model.pt").exists()
+
+    # Where the startup went, in one line, adding up to the startup the summary reports.
+    line = re.search(r"startup ([\d.]+)s: model and optimizers ([\d.]+)s, compile and one warm-up step ([\d.]+)s",
+                     capsys.readouterr().out)
+    assert line, "the template prints where its startup went"
+    total, built, compiled = map(float, line.groups())
+    assert abs(total - built - compiled) <= 0.11
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert abs(summary["startup_seconds"] - total) <= 0.06

@@ -201,7 +201,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(log: {run_dir / 'train.log'})", flush=True)
     result = run_trial(lab_dir, run_dir, conf, seed, data_dir=prepared.dir, on_progress=lambda line: print(line, flush=True))
     record = {"run_dir": str(run_dir), "status": result.status, "val_bpb": result.val_bpb, "seed": seed,
-              "corpus_hash": prepared.corpus_hash, "budget_s": conf.lab.budget_s, **(result.summary or {})}
+              "corpus_hash": prepared.corpus_hash, "budget_s": conf.lab.budget_s, **(result.summary or {}),
+              "wall_s": round(result.total_s, 2), "train_wall_s": round(result.train_s, 2),
+              "eval_wall_s": round(result.eval_s, 2)}
     with open(state_dir(lab_dir) / "train_runs.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print("---")

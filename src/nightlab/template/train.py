@@ -320,6 +320,7 @@ def main():
     flops_per_token = count_flops_per_token(model)
     muon, adam = build_optimizers(model)
     step_model = torch.compile(model) if ON_CUDA and COMPILE else model
+    built_s = time.time() - t_start
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_CUDA else torch.autocast("cpu", enabled=False)
 
     rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a smaller total batch shrinks the micro-batch
@@ -369,6 +370,8 @@ def main():
     gc.collect()
     gc.freeze()
     startup_s = time.time() - t_start
+    print(f"startup {startup_s:.1f}s: model and optimizers {built_s:.1f}s, compile and one warm-up step "
+          f"{startup_s - built_s:.1f}s", flush=True)
     lab.ready()  # the lab may have started this run early, while the GPU was busy: wait for the go
 
     # The GPU runs one step behind the CPU: step k is queued before the loss of step k-1 is read,
