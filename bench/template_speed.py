@@ -2,8 +2,9 @@
 
 Isolates the model, optimizer and compile from the data pipeline: run on the GPU machine with
 `python bench/template_speed.py --budget 40`. Prints startup seconds, tokens/s, MFU and peak memory.
-At the end it prints the seconds each torch.compile phase took. With `--profile FILE` it also writes the table of the GPU kernels that took the most time (give it
-a short budget: the trace grows with the run).
+At the end it prints the seconds each torch.compile phase took. With `--profile FILE` it also
+writes the table of the GPU kernels that took the most time (give it a short budget: the trace
+grows with the run).
 """
 
 import argparse
