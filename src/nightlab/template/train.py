@@ -319,8 +319,8 @@ def main():
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = count_flops_per_token(model)
     muon, adam = build_optimizers(model)
-    step_model = torch.compile(model) if ON_CUDA and COMPILE else model
     built_s = time.time() - t_start
+    step_model = torch.compile(model) if ON_CUDA and COMPILE else model  # its setup counts as compile time
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_CUDA else torch.autocast("cpu", enabled=False)
 
     rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a smaller total batch shrinks the micro-batch
