@@ -67,7 +67,8 @@ def test_init_prepare_train_on_the_gutenberg_sample(tmp_path: Path) -> None:
     run = runs[0]
     assert run["train_wall_s"] > run["training_seconds"] + run["startup_seconds"]
     assert run["eval_wall_s"] > ev["eval_s"]
-    assert run["wall_s"] >= run["train_wall_s"] + run["eval_wall_s"]
+    # Each is rounded to hundredths, so the sum of the parts may pass the whole by up to 0.01 s.
+    assert run["wall_s"] >= run["train_wall_s"] + run["eval_wall_s"] - 0.011
 
 
 def test_init_refuses_a_folder_that_is_not_empty(tmp_path: Path, capsys) -> None:
