@@ -83,3 +83,23 @@ def test_trials_get_the_cache_only_where_it_is_needed(tmp_path: Path, monkeypatc
     env = runner.train_env(Config(), tmp_path, tmp_path, 0, "cpu", "cpu")
     assert "PYTHONPYCACHEPREFIX" not in env
     assert pycache.fill() is None and not (tmp_path / "home" / "pycache").exists()
+
+
+def test_prepare_fills_the_cache_before_the_first_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from nightlab.cli import main
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(12):
+        (books / f"book{i}.txt").write_text(f"Chapter {i}. The night was long and the lab was quiet. " * 40)
+    (books / "val.txt").write_text("The morning came, and with it the report. " * 40)
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(pycache, "needed", lambda module="torch": True)  # as where torch has no bytecode
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["prepare", "--dataset", f"local:{books}", "--vocab-size", "300"]) == 0
+    root = tmp_path / "home" / "pycache"
+    assert "bytecode cache ready" in capsys.readouterr().out
+    assert pycache.marker(root).exists()  # done before prepare returned, not left to the first trial
+    assert any(p.name.startswith("evaluate.") and p.suffix == ".pyc" for p in files_under(root))

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="download or build the dataset, train the tokenizer, tokenize once into a cache",
         description="Prepare the lab's dataset into the cache ($NIGHTLAB_HOME or ~/.cache/nightlab): text "
-        "shards, a BPE tokenizer, and memory-mapped token arrays. Safe to re-run: finished steps are kept.",
+        "shards, a BPE tokenizer, and memory-mapped token arrays; where Python may not write bytecode beside torch, "
+        "also a bytecode cache the trials import from. Safe to re-run: finished steps are kept.",
     )
     p.add_argument("--dataset", help="override the lab's dataset: pycode, pycode:stdlib, climbmix, local:PATH")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
@@ -162,6 +163,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
     from nightlab.lab import datasets
+    from nightlab.research import pycache
 
     if args.lab is None and args.dataset and nearest_lab() is None:
         conf = cfg.Config().with_overrides(args.set).lab
@@ -171,6 +173,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     vocab = args.vocab_size or conf.vocab_size
     shards = args.num_shards or conf.num_shards
     t0 = time.time()
+    filling = pycache.fill()  # alongside the dataset, so the first trial already imports from it
     try:
         data_dir = datasets.prepare(spec, vocab_size=vocab, num_shards=shards)
     except datasets.DatasetError as e:
@@ -180,6 +183,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"dataset {spec}: corpus {prepared.corpus_hash}, vocab {vocab}, "
           f"{m.get('train_tokens', '?'):,} train / {m.get('val_tokens', '?'):,} val tokens, "
           f"ready in {time.time() - t0:.0f}s at {data_dir}")
+    if filling is not None:
+        print("compiling torch's Python to bytecode for the trials (once per Python and torch version)...",
+              flush=True)
+        filling.wait()
+        print(f"bytecode cache ready in {time.time() - t0:.0f}s at {pycache.folder()}")
     return 0
 
 
