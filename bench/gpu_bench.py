@@ -11,6 +11,12 @@ steps, peak memory, startup-to-first-step time, evaluation time, the trial's who
 was not training (`overhead_s`: process launches and imports included) and the corpus hash. Each run is
 one JSON line in `--out` (default `$OUT/results.jsonl`, else `bench/new_results.jsonl`) in the
 format of `bench/results.jsonl`; copy the lines you keep into that file.
+
+Startup depends on what the machine has compiled before. `--fresh-compile-cache` gives the runs an
+empty torch.compile cache of their own, so the first seed measures a cold compile and the later
+seeds a warm one, on any machine:
+
+    python3 bench/gpu_bench.py --budget 30 --seeds 0,1 --fresh-compile-cache --change "startup"
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return round(a - b, 2) if a is not None and b is not None else None
 
 
-def nightlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, text=True)
+def nightlab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def main() -> int:
@@ -53,6 +60,8 @@ def main() -> int:
     ap.add_argument("--train-py", type=Path, help="a train.py variant to run instead of the template")
     ap.add_argument("--change", default="template", help="what this run measures, for the record")
     ap.add_argument("--set", action="append", default=[], help="extra nightlab.toml overrides")
+    ap.add_argument("--fresh-compile-cache", action="store_true",
+                    help="give the runs an empty torch.compile cache: the first seed compiles cold, the rest warm")
     ap.add_argument("--eval-modes", action="store_true",
                     help="also score each trained model as bench/eval_modes.py does (BOS in front, document heads)")
     default_out = Path(os.environ["OUT"]) / "results.jsonl" if os.environ.get("OUT") else ROOT / "bench/new_results.jsonl"
@@ -70,14 +79,19 @@ def main() -> int:
     prepare_s = time.time() - t0
     card = card_name()
     rows = []
+    env = {}
+    if args.fresh_compile_cache:
+        cache = lab.parent / "compile-cache"
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab)
+        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab, env=env)
         record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
         ev_path = Path(record["run_dir"]) / "eval.json"
         ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
         row = {
             "date": dt.date.today().isoformat(), "card": card, "budget_s": args.budget, "seed": seed,
             "corpus_hash": record.get("corpus_hash"), "change": args.change,
+            "compile_cache": ("cold" if not rows else "warm") if args.fresh_compile_cache else None,
             "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
             "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
             "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
