@@ -1,0 +1,68 @@
+"""torch.compile time of the GPU-size model's first forward and backward, on this machine's CPU.
+
+A proxy for the compile part of a trial's startup where no GPU is at hand: the same model (the
+`gpu` preset: depth 8, width 512), the same compiler front end (Dynamo, AOTAutograd) and Inductor,
+which writes C++ here instead of Triton. One row of 256 tokens, in fp32, so running the graph
+costs next to nothing and the first call's time is compile time.
+
+    python bench/compile_cpu.py whole
+    python bench/compile_cpu.py regions --train-py /tmp/train_regions.py
+
+`whole` compiles the model as the template does. `regions` compiles each of `model.blocks` and
+`model.output` on its own, for a train.py built as `bench/leads/regional_compile.patch` makes it.
+Each run starts with an empty compile cache unless `--cache DIR` names one: run twice with the
+same folder for the warm figure.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("whole", "regions"))
+    ap.add_argument("--train-py", default=str(ROOT / "src/nightlab/template/train.py"))
+    ap.add_argument("--cache", type=Path, help="torch.compile cache folder (default: a new empty one)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "manifest.json").write_text(json.dumps({"vocab_size": 8192, "bos_id": 8191, "corpus_hash": "random"}))
+    os.environ.update(NIGHTLAB_DATA=str(tmp), NIGHTLAB_OUT=str(tmp / "out"), NIGHTLAB_BUDGET_S="10",
+                      NIGHTLAB_DEVICE="cpu", NIGHTLAB_PRESET="gpu",
+                      TORCHINDUCTOR_CACHE_DIR=str(args.cache or tmp / "compile-cache"))
+    spec = importlib.util.spec_from_file_location("train", args.train_py)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = train
+    spec.loader.exec_module(train)
+    import torch
+    from torch._dynamo.utils import compile_times, counters
+
+    model = train.build_model()
+    if args.mode == "whole":
+        step = torch.compile(model)
+    else:
+        for block in model.blocks:
+            block.compile()
+        model.output = torch.compile(model.output)
+        step = model
+    x = torch.randint(0, 8192, (1, 256))
+    print(f"depth {train.DEPTH}, width {train.MODEL_DIM}, {args.mode}")
+    for call in ("first", "second"):
+        t0 = time.time()
+        loss = step(x, x)
+        forward_s = time.time() - t0
+        loss.backward()
+        print(f"{call} call: forward {forward_s:.1f} s, forward and backward {time.time() - t0:.1f} s", flush=True)
+    print(f"graphs compiled: {counters['stats']['unique_graphs']}")
+    print(compile_times(repr="str", aggregate=True))
+
+
+if __name__ == "__main__":
+    main()
