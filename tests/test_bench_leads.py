@@ -1,0 +1,91 @@
+"""The changes in bench/leads/ still apply to today's template, and each keeps its promise on the CPU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from nightlab.lab import evaluate as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "src" / "nightlab" / "template" / "train.py"
+LEADS = sorted((ROOT / "bench" / "leads").glob("*.patch"))
+
+
+def patched(tmp_path: Path, *names: str) -> Path:
+    """A copy of the template with the named patches applied (git apply, as a user would)."""
+    target = tmp_path / "src" / "nightlab" / "template" / "train.py"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TEMPLATE, target)
+    for name in names:
+        done = subprocess.run(["git", "apply", str(ROOT / "bench" / "leads" / name)], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{name} no longer applies to the template: {done.stderr}"
+    assert target.read_text() != TEMPLATE.read_text()
+    return target
+
+
+def load(path: Path, prepared_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str):
+    monkeypatch.setenv("NIGHTLAB_DATA", str(prepared_tiny))
+    monkeypatch.setenv("NIGHTLAB_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("NIGHTLAB_BUDGET_S", "1")
+    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
+    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
+    copy = tmp_path / f"{name}.py"
+    shutil.copy(path, copy)
+    return ev.import_train_py(copy)
+
+
+def loss_and_grads(train, seed: int = 0):
+    """Loss and gradients of a fresh model whose zero-initialized weights were made non-zero."""
+    torch.manual_seed(seed)
+    model = train.build_model()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    tokens = torch.randint(0, model.vocab_size, (2, train.SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens, tokens.roll(-1, dims=1))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_there_are_leads_to_check() -> None:
+    assert {p.name for p in LEADS} >= {"regional_compile.patch", "short_windows.patch"}
+
+
+@pytest.mark.parametrize("lead", [p.name for p in LEADS])
+def test_each_lead_applies_and_the_patched_template_trains(lead: str, prepared_tiny: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load(patched(tmp_path, lead), prepared_tiny, tmp_path, monkeypatch, "lead")
+    train.main()
+    assert (tmp_path / "out" / "model.pt").exists() and (tmp_path / "out" / "summary.json").exists()
+
+
+def test_compiling_by_regions_computes_exactly_what_the_template_does(prepared_tiny: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    regions = load(patched(tmp_path, "regional_compile.patch"), prepared_tiny, tmp_path, monkeypatch, "regions")
+    template = load(TEMPLATE, prepared_tiny, tmp_path, monkeypatch, "template")
+    loss, grads = loss_and_grads(regions)
+    loss_t, grads_t = loss_and_grads(template)
+    assert torch.equal(loss, loss_t)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_t))
+
+
+def test_short_windows_see_only_their_band(prepared_tiny: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load(patched(tmp_path, "short_windows.patch"), prepared_tiny, tmp_path, monkeypatch, "windows")
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    i = torch.arange(96)
+    for window in (1, 16, 40):
+        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        scores = (q @ k.mT) / 16**0.5
+        expected = scores.masked_fill(~band, float("-inf")).softmax(-1) @ v
+        torch.testing.assert_close(train.sliding_window(q, k, v, window), expected)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(train.sliding_window(q, k, v, 96), full)
+    assert train.window_of(train.DEPTH - 1) == 0  # the last layer always sees the whole row
