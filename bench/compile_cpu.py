@@ -15,15 +15,14 @@ same folder for the warm figure.
 """
 
 import argparse
-import importlib.util
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from template_speed import load_train, print_compile_times  # this folder is on the path when run
+
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 8192
 
 
 def main() -> None:
@@ -32,17 +31,11 @@ def main() -> None:
     ap.add_argument("--train-py", default=str(ROOT / "src/nightlab/template/train.py"))
     ap.add_argument("--cache", type=Path, help="torch.compile cache folder (default: a new empty one)")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "manifest.json").write_text(json.dumps({"vocab_size": 8192, "bos_id": 8191, "corpus_hash": "random"}))
-    os.environ.update(NIGHTLAB_DATA=str(tmp), NIGHTLAB_OUT=str(tmp / "out"), NIGHTLAB_BUDGET_S="10",
-                      NIGHTLAB_DEVICE="cpu", NIGHTLAB_PRESET="gpu",
-                      TORCHINDUCTOR_CACHE_DIR=str(args.cache or tmp / "compile-cache"))
-    spec = importlib.util.spec_from_file_location("train", args.train_py)
-    train = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = train
-    spec.loader.exec_module(train)
+    cache = args.cache or Path(tempfile.mkdtemp()) / "compile-cache"
+    train = load_train(args.train_py, VOCAB, NIGHTLAB_DEVICE="cpu", NIGHTLAB_PRESET="gpu",
+                       TORCHINDUCTOR_CACHE_DIR=str(cache))
     import torch
-    from torch._dynamo.utils import compile_times, counters
+    from torch._dynamo.utils import counters
 
     model = train.build_model()
     if args.mode == "whole":
@@ -52,7 +45,7 @@ def main() -> None:
             block.compile()
         model.output = torch.compile(model.output)
         step = model
-    x = torch.randint(0, 8192, (1, 256))
+    x = torch.randint(0, VOCAB, (1, 256))
     print(f"depth {train.DEPTH}, width {train.MODEL_DIM}, {args.mode}")
     for call in ("first", "second"):
         t0 = time.time()
@@ -61,7 +54,7 @@ def main() -> None:
         loss.backward()
         print(f"{call} call: forward {forward_s:.1f} s, forward and backward {time.time() - t0:.1f} s", flush=True)
     print(f"graphs compiled: {counters['stats']['unique_graphs']}")
-    print(compile_times(repr="str", aggregate=True))
+    print_compile_times(torch)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_train(train_py: str | Path, vocab: int, **env: str):
+    """Import a train.py as module ``train`` against a dataset that is only a manifest (random
+    tokens), with ``env`` added to the lab's variables."""
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "bos_id": vocab - 1, "corpus_hash": "random"}))
+    os.environ.update(NIGHTLAB_DATA=str(tmp), NIGHTLAB_OUT=str(tmp / "out"), **env)
+    spec = importlib.util.spec_from_file_location("train", train_py)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = train
+    spec.loader.exec_module(train)
+    return train
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--budget", type=float, default=40)
@@ -27,13 +40,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="CONSTANT=value overrides for train.py")
     ap.add_argument("--profile", type=Path, help="profile the run's GPU kernels; write the table of the top ones here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "manifest.json").write_text(json.dumps({"vocab_size": args.vocab, "bos_id": args.vocab - 1, "corpus_hash": "random"}))
-    os.environ.update(NIGHTLAB_DATA=str(tmp), NIGHTLAB_OUT=str(tmp / "out"), NIGHTLAB_BUDGET_S=str(args.budget))
-    spec = importlib.util.spec_from_file_location("train", args.train_py)
-    train = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = train
-    spec.loader.exec_module(train)
+    train = load_train(args.train_py, args.vocab, NIGHTLAB_BUDGET_S=str(args.budget))
     for item in args.set:
         key, value = item.split("=", 1)
         setattr(train, key, eval(value))
