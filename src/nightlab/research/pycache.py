@@ -10,9 +10,10 @@ from source and 3.3 s from this cache.
 So where torch's bytecode is not beside its source, the lab gives trial processes
 ``PYTHONPYCACHEPREFIX=<cache home>/pycache`` and fills that folder itself, once per Python, torch
 and nightlab version, from a child process that imports the modules trials need and runs no trial
-code: ``nightlab prepare`` fills it alongside the dataset and waits for it, and a trial that finds it
-unfilled starts the filling in the background. Trial processes only read it (``PYTHONDONTWRITEBYTECODE=1``): code under test never writes
-bytecode that the trusted evaluator would later load.
+code: ``nightlab prepare`` fills it alongside the dataset and waits for it, and a trial that finds
+it unfilled starts the filling in the background. Trial processes only read it
+(``PYTHONDONTWRITEBYTECODE=1``): code under test never writes bytecode that the trusted evaluator
+would later load.
 """
 
 from __future__ import annotations
