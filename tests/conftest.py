@@ -18,6 +18,17 @@ GUTENBERG = SHARED_DATA / "gutenberg_en_v1"
 TINY_VOCAB = 512
 
 
+def template_env(monkeypatch: pytest.MonkeyPatch, data: Path, out: Path | None = None) -> None:
+    """The lab's variables for importing a train.py in this process on the CPU preset; with ``out``,
+    also for running it there, for one second."""
+    monkeypatch.setenv("NIGHTLAB_DATA", str(data))
+    if out is not None:
+        monkeypatch.setenv("NIGHTLAB_OUT", str(out))
+        monkeypatch.setenv("NIGHTLAB_BUDGET_S", "1")
+    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
+    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
+
+
 @pytest.fixture(scope="session")
 def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The prepared-dataset folder of ``local:<folder holding tiny.parquet>`` with a 512-token vocabulary.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import template_env
 from nightlab.lab import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,7 @@ def patched(tmp_path: Path, *names: str) -> Path:
 
 
 def load(path: Path, prepared_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str):
-    monkeypatch.setenv("NIGHTLAB_DATA", str(prepared_tiny))
-    monkeypatch.setenv("NIGHTLAB_OUT", str(tmp_path / "out"))
-    monkeypatch.setenv("NIGHTLAB_BUDGET_S", "1")
-    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
-    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
+    template_env(monkeypatch, prepared_tiny, tmp_path / "out")
     copy = tmp_path / f"{name}.py"
     shutil.copy(path, copy)
     return ev.import_train_py(copy)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import template_env
 from nightlab.lab import evaluate as ev
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -182,9 +183,7 @@ def template_weights(train_py: Path, data: Path, weights: Path, monkeypatch: pyt
     Not its fresh initialisation: that zeroes each block's output projection, which hides any
     leak in attention from the probe.
     """
-    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
-    monkeypatch.setenv("NIGHTLAB_DATA", str(data))
-    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
+    template_env(monkeypatch, data)
     monkeypatch.syspath_prepend(str(train_py.parent))
     model = ev.import_train_py(train_py).build_model()
     generator = torch.Generator().manual_seed(0)

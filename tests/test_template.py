@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import template_env
 from nightlab.lab import evaluate as ev
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "src" / "nightlab" / "template" / "train.py"
@@ -20,11 +21,7 @@ def test_template_trains_on_rows_that_do_not_all_start_with_bos(
     # The evaluator cuts the val stream into windows that mostly start inside a document, with no
     # BOS in front. A model that always saw BOS at position 0 in training scores such windows far
     # worse (0.036 val_bpb at 300 s on the GPU benchmark), so the template must not train that way.
-    monkeypatch.setenv("NIGHTLAB_DATA", str(prepared_tiny))
-    monkeypatch.setenv("NIGHTLAB_OUT", str(tmp_path / "out"))
-    monkeypatch.setenv("NIGHTLAB_BUDGET_S", "1")
-    monkeypatch.setenv("NIGHTLAB_DEVICE", "cpu")
-    monkeypatch.setenv("NIGHTLAB_PRESET", "cpu")
+    template_env(monkeypatch, prepared_tiny, tmp_path / "out")
     monkeypatch.syspath_prepend(str(TEMPLATE.parent))
     train = ev.import_train_py(TEMPLATE)
     bos = json.loads((prepared_tiny / "manifest.json").read_text())["bos_id"]
