@@ -52,3 +52,32 @@ def test_template_trains_on_rows_that_do_not_all_start_with_bos(
     assert abs(total - built - compiled) <= 0.11
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert abs(summary["startup_seconds"] - total) <= 0.06
+
+
+def test_residual_stream_runs_in_autocast_dtype_while_the_tables_stay_fp32(
+    prepared_tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bf16 stream under autocast gave 6 % more tokens/s and 0.003 lower val_bpb at 300 s on an
+    # H200; bf16 tables (optimizer updates rounded to bf16) had cost 0.010 on an H100. Without
+    # autocast (the CPU preset, the evaluator's fp32 probe) the model must stay fp32 throughout.
+    template_env(monkeypatch, prepared_tiny)
+    monkeypatch.syspath_prepend(str(TEMPLATE.parent))
+    train = ev.import_train_py(TEMPLATE)
+    model = train.build_model()
+    seen: list[tuple[torch.dtype, torch.dtype | None]] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(
+            lambda module, args: seen.append((args[0].dtype, None if args[1] is None else args[1].dtype)))
+    idx = torch.randint(0, train.lab.vocab_size, (2, 16))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    assert {x for x, _ in seen} == {torch.bfloat16}
+    assert {ve for _, ve in seen if ve is not None} == {torch.bfloat16}, "the value embeddings join the stream"
+    loss.backward()
+    tables = [model.embed.weight, *model.value_embeds.parameters()]
+    assert all(t.dtype == torch.float32 and t.grad.dtype == torch.float32 for t in tables)
+
+    seen.clear()
+    logits = model(idx)
+    assert {x for x, _ in seen} == {torch.float32} and logits.dtype == torch.float32

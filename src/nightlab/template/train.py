@@ -167,10 +167,15 @@ class GPT(nn.Module):
         T = idx.size(1)
         cos, sin = self.cos[:, :T].to(torch.bfloat16 if ON_CUDA else torch.float32), self.sin[:, :T]
         sin = sin.to(cos.dtype)
-        x = x0 = norm(self.embed(idx))
+        # The residual stream runs in autocast's dtype (bf16 on CUDA), the tables stay in fp32 so
+        # the optimizer's small updates to them are not rounded away. Outside autocast (the CPU
+        # preset, the evaluator's fp32 probe) everything stays fp32.
+        kind = idx.device.type
+        stream = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+        x = x0 = norm(self.embed(idx)).to(stream)
         for i, block in enumerate(self.blocks):
             x = self.resid_scales[i] * x + self.x0_scales[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            ve = self.value_embeds[str(i)](idx).to(stream) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin)
         logits = self.head(norm(x)).float()
         logits = LOGIT_CAP * torch.tanh(logits / LOGIT_CAP)
