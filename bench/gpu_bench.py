@@ -17,6 +17,12 @@ empty torch.compile cache of their own, so the first seed measures a cold compil
 seeds a warm one, on any machine:
 
     python3 bench/gpu_bench.py --budget 30 --seeds 0,1 --fresh-compile-cache --change "startup"
+
+Several variants, each `NAME=FILE` (`template` for the template), run one after another, or with
+`--side-by-side` all at once, one GPU each: on a machine with two GPUs, two 300 s runs cost the
+time of one. Each variant's output then goes to `NAME.log` beside `--out`:
+
+    python3 bench/gpu_bench.py --side-by-side --variant template=template --variant v10=/tmp/v10.py
 """
 
 from __future__ import annotations
@@ -28,28 +34,120 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def card_name() -> str:
+def gpu_names() -> list[str]:
+    """The machine's GPUs by name, in nvidia-smi's order; empty where there are none."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, check=True).stdout
-        return out.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return "cpu"
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
     return round(a - b, 2) if a is not None and b is not None else None
 
 
-def nightlab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def nightlab(*args: str, cwd: Path, env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def parse_variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """(name, train.py or None for the template) for each variant the command line asks for."""
+    if not args.variant:
+        return [(args.change, args.train_py)]
+    if args.train_py:
+        raise SystemExit("gpu_bench: give either --train-py or --variant, not both")
+    variants = []
+    for spec in args.variant:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise SystemExit(f"gpu_bench: --variant {spec!r} is not NAME=FILE (FILE may be 'template')")
+        path = None if file == "template" else Path(file)
+        if path is not None and not path.is_file():
+            raise SystemExit(f"gpu_bench: --variant {name}: no such file {file}")
+        variants.append((name, path))
+    names = [n for n, _ in variants]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"gpu_bench: variant names must differ: {', '.join(names)}")
+    return variants
+
+
+def make_lab(train_py: Path | None, args: argparse.Namespace, log=None) -> Path | None:
+    """A new lab for one variant, prepared; None if init or prepare failed."""
+    lab = Path(tempfile.mkdtemp(prefix="nightlab-bench-")) / "lab"
+    if nightlab("init", str(lab), "--dataset", args.dataset, "--budget", str(args.budget), cwd=ROOT, log=log).returncode:
+        return None
+    if train_py:
+        (lab / "train.py").write_text(train_py.read_text())
+    if nightlab("prepare", *sum((["--set", s] for s in args.set), []), cwd=lab, log=log).returncode:
+        return None
+    return lab
+
+
+def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: int | None = None,
+              log=None) -> list[dict]:
+    """Train and evaluate the lab's train.py once per seed; one row each, appended to --out."""
+    rows = []
+    env = {}
+    if args.fresh_compile_cache:
+        cache = lab.parent / "compile-cache"
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        start = _now()
+        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab, env=env,
+                        log=log)
+        record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
+        ev_path = Path(record["run_dir"]) / "eval.json"
+        ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
+        row = {
+            "date": dt.date.today().isoformat(), "card": card, "budget_s": args.budget, "seed": seed,
+            "corpus_hash": record.get("corpus_hash"), "change": change,
+            "compile_cache": ("cold" if not rows else "warm") if args.fresh_compile_cache else None,
+            "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
+            "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
+            "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
+            # all the trial's wall time that was not training: both processes' launch, imports, startup, evaluation
+            "overhead_s": _minus(record.get("wall_s"), record.get("training_seconds")),
+            "peak_mem_gb": round(record.get("peak_memory_mb", 0) / 1024, 2), "status": record.get("status"),
+            "train_loss": record.get("train_loss"), "val_loss_nats": ev.get("val_loss_nats"), "kept": None,
+            "start": start, "end": _now(),
+        }
+        if gpu is not None:
+            row["gpu"] = gpu
+        weights = Path(record["run_dir"]) / "model.pt"
+        if args.eval_modes and weights.exists():
+            data = (Path(record["run_dir"]) / "data/manifest.json").resolve().parent
+            modes = Path(record["run_dir"]) / "eval_modes.json"
+            subprocess.run([sys.executable, str(ROOT / "bench/eval_modes.py"), "--train-py", str(lab / "train.py"),
+                            "--weights", str(weights), "--data", str(data), "--out", str(modes)], cwd=lab,
+                           stdout=log, stderr=subprocess.STDOUT if log else None)
+            if modes.exists():
+                row["eval_modes"] = json.loads(modes.read_text())
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with _out_lock, open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if proc.returncode:
+            print(f"{change}: run with seed {seed} ended with status {record.get('status')}", flush=True)
+    return rows
+
+
+_out_lock = threading.Lock()  # side-by-side variants append to one --out
 
 
 def main() -> int:
@@ -59,6 +157,10 @@ def main() -> int:
     ap.add_argument("--dataset", default="pycode", help="dataset spec (default pycode)")
     ap.add_argument("--train-py", type=Path, help="a train.py variant to run instead of the template")
     ap.add_argument("--change", default="template", help="what this run measures, for the record")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
+                    help="a train.py to run, recorded as NAME; repeat for several ('template' for the template)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run the variants at the same time, one GPU each (the machine needs that many)")
     ap.add_argument("--set", action="append", default=[], help="extra nightlab.toml overrides")
     ap.add_argument("--fresh-compile-cache", action="store_true",
                     help="give the runs an empty torch.compile cache: the first seed compiles cold, the rest warm")
@@ -67,62 +169,52 @@ def main() -> int:
     default_out = Path(os.environ["OUT"]) / "results.jsonl" if os.environ.get("OUT") else ROOT / "bench/new_results.jsonl"
     ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args()
+    variants = parse_variants(args)
+    gpus = gpu_names()
+    card = gpus[0] if gpus else "cpu"
+    if args.side_by_side and gpus and len(gpus) < len(variants):
+        raise SystemExit(f"gpu_bench: {len(variants)} variants side by side need {len(variants)} GPUs; "
+                         f"this machine has {len(gpus)}. Drop --side-by-side to run them one after another.")
 
     t0 = time.time()
-    lab = Path(tempfile.mkdtemp(prefix="nightlab-bench-")) / "lab"
-    if nightlab("init", str(lab), "--dataset", args.dataset, "--budget", str(args.budget), cwd=ROOT).returncode:
-        return 1
-    if args.train_py:
-        (lab / "train.py").write_text(args.train_py.read_text())
-    if nightlab("prepare", *sum((["--set", s] for s in args.set), []), cwd=lab).returncode:
-        return 1
+    labs = []
+    for name, train_py in variants:  # one after another: they share the dataset cache
+        lab = make_lab(train_py, args)
+        if lab is None:
+            return 1
+        labs.append((name, lab))
     prepare_s = time.time() - t0
-    card = card_name()
-    rows = []
-    env = {}
-    if args.fresh_compile_cache:
-        cache = lab.parent / "compile-cache"
-        env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab, env=env)
-        record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
-        ev_path = Path(record["run_dir"]) / "eval.json"
-        ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
-        row = {
-            "date": dt.date.today().isoformat(), "card": card, "budget_s": args.budget, "seed": seed,
-            "corpus_hash": record.get("corpus_hash"), "change": args.change,
-            "compile_cache": ("cold" if not rows else "warm") if args.fresh_compile_cache else None,
-            "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
-            "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
-            "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
-            # all the trial's wall time that was not training: both processes' launch, imports, startup, evaluation
-            "overhead_s": _minus(record.get("wall_s"), record.get("training_seconds")),
-            "peak_mem_gb": round(record.get("peak_memory_mb", 0) / 1024, 2), "status": record.get("status"),
-            "train_loss": record.get("train_loss"), "val_loss_nats": ev.get("val_loss_nats"), "kept": None,
-        }
-        weights = Path(record["run_dir"]) / "model.pt"
-        if args.eval_modes and weights.exists():
-            data = (Path(record["run_dir"]) / "data/manifest.json").resolve().parent
-            modes = Path(record["run_dir"]) / "eval_modes.json"
-            subprocess.run([sys.executable, str(ROOT / "bench/eval_modes.py"), "--train-py", str(lab / "train.py"),
-                            "--weights", str(weights), "--data", str(data), "--out", str(modes)], cwd=lab)
-            if modes.exists():
-                row["eval_modes"] = json.loads(modes.read_text())
-        rows.append(row)
+
+    rows: list[dict] = []
+    if args.side_by_side:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if proc.returncode:
-            print(f"run with seed {seed} ended with status {record.get('status')}", flush=True)
+        results: dict[str, list[dict]] = {}
+
+        def bench(i: int | None, name: str, lab: Path) -> None:
+            with open(args.out.parent / f"{name}.log", "w") as log:
+                results[name] = run_seeds(lab, name, card, args, gpu=i, log=log)
+            print(f"{name}: done ({args.out.parent / f'{name}.log'})", flush=True)
+
+        # one GPU each; where there is none (trying it out on a CPU) they share the CPU
+        threads = [threading.Thread(target=bench, args=(i if gpus else None, name, lab))
+                   for i, (name, lab) in enumerate(labs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows = [r for name, _ in labs for r in results.get(name, [])]
+    else:
+        for name, lab in labs:
+            rows += run_seeds(lab, name, card, args)
+
     print(f"\nprepare: {prepare_s:.0f}s | card: {card}")
-    print(f"{'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} {'overhead':>9} "
-          f"{'mem GB':>7}  corpus")
+    print(f"{'change':<16} {'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} "
+          f"{'overhead':>9} {'mem GB':>7}  corpus")
     for r in rows:
-        print(f"{r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} {r['mfu'] or 0:>6.1f} "
-              f"{r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} {r['overhead_s'] or 0:>9.1f} "
-              f"{r['peak_mem_gb']:>7.1f}  "
-              f"{r['corpus_hash']}")
-    return 0
+        print(f"{r['change'][:16]:<16} {r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} "
+              f"{r['mfu'] or 0:>6.1f} {r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} "
+              f"{r['overhead_s'] or 0:>9.1f} {r['peak_mem_gb']:>7.1f}  {r['corpus_hash']}")
+    return 0 if len(rows) == len(variants) * len(args.seeds.split(",")) else 1
 
 
 if __name__ == "__main__":

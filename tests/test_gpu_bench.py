@@ -1,0 +1,80 @@
+"""``bench/gpu_bench.py``, the benchmark command, run as on a GPU machine but on this CPU with the book sample."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GUTENBERG, REPO_ROOT
+
+BENCH = REPO_ROOT / "bench" / "gpu_bench.py"
+TEMPLATE = REPO_ROOT / "src" / "nightlab" / "template" / "train.py"
+
+
+def gpu_bench(*args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NIGHTLAB_HOME": str(home), "TMPDIR": str(cwd)}
+    env.pop("OUT", None)
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def book_sample(tmp_path: Path) -> Path:
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "tiny.parquet").symlink_to(GUTENBERG / "tiny.parquet")
+    (books / "val.parquet").symlink_to(GUTENBERG / "val.parquet")
+    return books
+
+
+SMALL = ("--budget", "4", "--set", "lab.vocab_size=512", "--set", "lab.eval_max_tokens=20000")
+
+
+@pytest.mark.slow
+def test_one_train_py_two_seeds_one_row_each_named_by_change(tmp_path: Path) -> None:
+    books, out = book_sample(tmp_path), tmp_path / "results.jsonl"
+    done = gpu_bench("--dataset", f"local:{books}", *SMALL, "--seeds", "0,1", "--train-py", str(TEMPLATE),
+                     "--change", "baseline", "--out", str(out), home=tmp_path / "home", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["change"], r["seed"], r["status"]) for r in rows] == [("baseline", 0, "ok"), ("baseline", 1, "ok")]
+    assert all(r["budget_s"] == 4 and r["val_bpb"] > 0 and "gpu" not in r for r in rows)
+    assert "val_bpb" in done.stdout  # the training output streams to the terminal, not to a log
+
+
+@pytest.mark.slow
+def test_side_by_side_runs_the_variants_at_the_same_time_each_on_its_own_train_py(tmp_path: Path) -> None:
+    books = book_sample(tmp_path)
+    one_layer = tmp_path / "one_layer.py"
+    one_layer.write_text(TEMPLATE.read_text().replace("CPU_DEPTH = 2  #", "CPU_DEPTH = 1  #", 1))
+    out = tmp_path / "out" / "results.jsonl"
+
+    done = gpu_bench("--dataset", f"local:{books}", *SMALL, "--side-by-side",
+                     "--variant", "base=template", "--variant", f"shallow={one_layer}", "--out", str(out),
+                     home=tmp_path / "home", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = {r["change"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"base", "shallow"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["val_bpb"] > 0 and row["corpus_hash"] and row["card"] == "cpu", row
+    # Each variant trained its own train.py, and its output went to its own log beside --out.
+    assert "depth 2," in (out.parent / "base.log").read_text()
+    assert "depth 1," in (out.parent / "shallow.log").read_text()
+    # Side by side: each run started before the other ended (one after another, they would not overlap).
+    when = {name: (dt.datetime.fromisoformat(r["start"]), dt.datetime.fromisoformat(r["end"]))
+            for name, r in rows.items()}
+    assert when["base"][0] < when["shallow"][1] and when["shallow"][0] < when["base"][1], when
+    assert "base" in done.stdout and "shallow" in done.stdout  # the closing table names both
+
+
+def test_a_variant_that_is_not_name_equals_file_is_named_in_the_error(tmp_path: Path) -> None:
+    done = gpu_bench("--variant", "just-a-name", home=tmp_path / "home", cwd=tmp_path)
+    assert done.returncode != 0 and "just-a-name" in done.stderr and "NAME=FILE" in done.stderr
+    done = gpu_bench("--variant", f"x={tmp_path / 'missing.py'}", home=tmp_path / "home", cwd=tmp_path)
+    assert done.returncode != 0 and "missing.py" in done.stderr
