@@ -60,6 +60,14 @@ def nightlab(*args: str, cwd: Path, env: dict[str, str] | None = None, log=None)
                           env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None)
 
 
+def gpu_pool(count: int, visible: str | None) -> list[str]:
+    """The GPUs side-by-side runs may take, as CUDA_VISIBLE_DEVICES entries: those already visible
+    where the variable is set, else all `count` of the machine."""
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    return [str(i) for i in range(count)]
+
+
 def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
@@ -97,7 +105,7 @@ def make_lab(train_py: Path | None, args: argparse.Namespace, log=None) -> Path 
     return lab
 
 
-def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: int | None = None,
+def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: str | None = None,
               log=None) -> list[dict]:
     """Train and evaluate the lab's train.py once per seed; one row each, appended to --out."""
     rows = []
@@ -106,7 +114,7 @@ def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: 
         cache = lab.parent / "compile-cache"
         env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = _now()
         proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab, env=env,
@@ -172,9 +180,10 @@ def main() -> int:
     variants = parse_variants(args)
     gpus = gpu_names()
     card = gpus[0] if gpus else "cpu"
-    if args.side_by_side and gpus and len(gpus) < len(variants):
+    pool = gpu_pool(len(gpus), os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else []
+    if args.side_by_side and gpus and len(pool) < len(variants):
         raise SystemExit(f"gpu_bench: {len(variants)} variants side by side need {len(variants)} GPUs; "
-                         f"this machine has {len(gpus)}. Drop --side-by-side to run them one after another.")
+                         f"{len(pool)} are visible. Drop --side-by-side to run them one after another.")
 
     t0 = time.time()
     labs = []
@@ -190,13 +199,13 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         results: dict[str, list[dict]] = {}
 
-        def bench(i: int | None, name: str, lab: Path) -> None:
+        def bench(gpu: str | None, name: str, lab: Path) -> None:
             with open(args.out.parent / f"{name}.log", "w") as log:
-                results[name] = run_seeds(lab, name, card, args, gpu=i, log=log)
+                results[name] = run_seeds(lab, name, card, args, gpu=gpu, log=log)
             print(f"{name}: done ({args.out.parent / f'{name}.log'})", flush=True)
 
         # one GPU each; where there is none (trying it out on a CPU) they share the CPU
-        threads = [threading.Thread(target=bench, args=(i if gpus else None, name, lab))
+        threads = [threading.Thread(target=bench, args=(pool[i] if pool else None, name, lab))
                    for i, (name, lab) in enumerate(labs)]
         for t in threads:
             t.start()

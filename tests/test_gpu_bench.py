@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -78,3 +79,12 @@ def test_a_variant_that_is_not_name_equals_file_is_named_in_the_error(tmp_path: 
     assert done.returncode != 0 and "just-a-name" in done.stderr and "NAME=FILE" in done.stderr
     done = gpu_bench("--variant", f"x={tmp_path / 'missing.py'}", home=tmp_path / "home", cwd=tmp_path)
     assert done.returncode != 0 and "missing.py" in done.stderr
+
+
+def test_side_by_side_takes_only_the_gpus_already_visible() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.gpu_pool(4, None) == ["0", "1", "2", "3"]
+    assert bench.gpu_pool(8, "4,5") == ["4", "5"]  # a user who pinned two GPUs gets those two, not 0 and 1
+    assert bench.gpu_pool(8, "") == []
