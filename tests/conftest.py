@@ -18,6 +18,14 @@ GUTENBERG = SHARED_DATA / "gutenberg_en_v1"
 TINY_VOCAB = 512
 
 
+def gutenberg_sample(folder: Path) -> Path:
+    """The shared tiny book sample as training text and the pinned validation books as `val*`."""
+    folder.mkdir()
+    (folder / "tiny.parquet").symlink_to(GUTENBERG / "tiny.parquet")
+    (folder / "val.parquet").symlink_to(GUTENBERG / "val.parquet")
+    return folder
+
+
 def template_env(monkeypatch: pytest.MonkeyPatch, data: Path, out: Path | None = None) -> None:
     """The lab's variables for importing a train.py in this process on the CPU preset; with ``out``,
     also for running it there, for one second."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUTENBERG
+from conftest import gutenberg_sample
 from nightlab import config as cfg
 from nightlab.cli import main
 
@@ -20,14 +20,6 @@ def nightlab(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NIGHTLAB_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-def gutenberg_sample(folder: Path) -> Path:
-    """The shared tiny book sample as training text and the pinned validation books as `val*`."""
-    folder.mkdir()
-    (folder / "tiny.parquet").symlink_to(GUTENBERG / "tiny.parquet")
-    (folder / "val.parquet").symlink_to(GUTENBERG / "val.parquet")
-    return folder
 
 
 @pytest.mark.slow

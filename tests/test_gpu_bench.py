@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUTENBERG, REPO_ROOT
+from conftest import REPO_ROOT, gutenberg_sample
 
 BENCH = REPO_ROOT / "bench" / "gpu_bench.py"
 TEMPLATE = REPO_ROOT / "src" / "nightlab" / "template" / "train.py"
@@ -25,20 +25,12 @@ def gpu_bench(*args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def book_sample(tmp_path: Path) -> Path:
-    books = tmp_path / "books"
-    books.mkdir()
-    (books / "tiny.parquet").symlink_to(GUTENBERG / "tiny.parquet")
-    (books / "val.parquet").symlink_to(GUTENBERG / "val.parquet")
-    return books
-
-
 SMALL = ("--budget", "4", "--set", "lab.vocab_size=512", "--set", "lab.eval_max_tokens=20000")
 
 
 @pytest.mark.slow
 def test_one_train_py_two_seeds_one_row_each_named_by_change(tmp_path: Path) -> None:
-    books, out = book_sample(tmp_path), tmp_path / "results.jsonl"
+    books, out = gutenberg_sample(tmp_path / "books"), tmp_path / "results.jsonl"
     done = gpu_bench("--dataset", f"local:{books}", *SMALL, "--seeds", "0,1", "--train-py", str(TEMPLATE),
                      "--change", "baseline", "--out", str(out), home=tmp_path / "home", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,7 +42,7 @@ def test_one_train_py_two_seeds_one_row_each_named_by_change(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_side_by_side_runs_the_variants_at_the_same_time_each_on_its_own_train_py(tmp_path: Path) -> None:
-    books = book_sample(tmp_path)
+    books = gutenberg_sample(tmp_path / "books")
     one_layer = tmp_path / "one_layer.py"
     one_layer.write_text(TEMPLATE.read_text().replace("CPU_DEPTH = 2  #", "CPU_DEPTH = 1  #", 1))
     out = tmp_path / "out" / "results.jsonl"
