@@ -55,9 +55,19 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return round(a - b, 2) if a is not None and b is not None else None
 
 
+def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:
+    """Run a command; its output goes to the terminal, or wholly to ``log`` where one is given."""
+    return subprocess.run(command, cwd=cwd, text=True, env={**os.environ, **(env or {})},
+                          stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
 def nightlab(*args: str, cwd: Path, env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, text=True,
-                          env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None)
+    return run([sys.executable, "-m", "nightlab", *args], cwd, env, log)
+
+
+def set_flags(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, as nightlab prepare and train take them."""
+    return [flag for setting in args.set for flag in ("--set", setting)]
 
 
 def gpu_pool(count: int, visible: str | None) -> list[str]:
@@ -93,14 +103,14 @@ def parse_variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     return variants
 
 
-def make_lab(train_py: Path | None, args: argparse.Namespace, log=None) -> Path | None:
+def make_lab(train_py: Path | None, args: argparse.Namespace) -> Path | None:
     """A new lab for one variant, prepared; None if init or prepare failed."""
     lab = Path(tempfile.mkdtemp(prefix="nightlab-bench-")) / "lab"
-    if nightlab("init", str(lab), "--dataset", args.dataset, "--budget", str(args.budget), cwd=ROOT, log=log).returncode:
+    if nightlab("init", str(lab), "--dataset", args.dataset, "--budget", str(args.budget), cwd=ROOT).returncode:
         return None
     if train_py:
         (lab / "train.py").write_text(train_py.read_text())
-    if nightlab("prepare", *sum((["--set", s] for s in args.set), []), cwd=lab, log=log).returncode:
+    if nightlab("prepare", *set_flags(args), cwd=lab).returncode:
         return None
     return lab
 
@@ -117,8 +127,7 @@ def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: 
         env["CUDA_VISIBLE_DEVICES"] = gpu
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = _now()
-        proc = nightlab("train", "--seed", str(seed), *sum((["--set", s] for s in args.set), []), cwd=lab, env=env,
-                        log=log)
+        proc = nightlab("train", "--seed", str(seed), *set_flags(args), cwd=lab, env=env, log=log)
         record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
         ev_path = Path(record["run_dir"]) / "eval.json"
         ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
@@ -141,9 +150,8 @@ def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: 
         if args.eval_modes and weights.exists():
             data = (Path(record["run_dir"]) / "data/manifest.json").resolve().parent
             modes = Path(record["run_dir"]) / "eval_modes.json"
-            subprocess.run([sys.executable, str(ROOT / "bench/eval_modes.py"), "--train-py", str(lab / "train.py"),
-                            "--weights", str(weights), "--data", str(data), "--out", str(modes)], cwd=lab,
-                           stdout=log, stderr=subprocess.STDOUT if log else None)
+            run([sys.executable, str(ROOT / "bench/eval_modes.py"), "--train-py", str(lab / "train.py"),
+                 "--weights", str(weights), "--data", str(data), "--out", str(modes)], lab, log=log)
             if modes.exists():
                 row["eval_modes"] = json.loads(modes.read_text())
         rows.append(row)
