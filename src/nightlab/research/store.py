@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,24 @@ STORE_FILE = "store.db"
 FINISHED = ("keep", "discard", "crash", "timeout", "invalid")
 BUSY_TIMEOUT_S = 600.0  # wait this long for another connection's lock: a late write beats a lost result
 JUDGED_KINDS = ("first", "baseline", "confirm")  # measurements the policy averages; replays are not
+
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another connection holds the file.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once rather
+    than calling the busy handler when another process is creating or switching the same new
+    store, so the connection's timeout does not cover it.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def now() -> str:
@@ -108,7 +127,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode = WAL")
+        _enter_wal(self.conn)
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
         migrate(self.conn)
