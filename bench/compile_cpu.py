@@ -9,7 +9,8 @@ costs next to nothing and the first call's time is compile time.
     python bench/compile_cpu.py regions --train-py /tmp/train_regions.py
 
 `whole` compiles the model as the template does. `regions` compiles each of `model.blocks` and
-`model.output` on its own, for a train.py built as `bench/leads/regional_compile.patch` makes it.
+`model.output` on its own, for a train.py built as `bench/leads/regional_compile.patch` makes it,
+and `model.inputs` too where the train.py has it (`regional_compile_inputs.patch`).
 Each run starts with an empty compile cache unless `--cache DIR` names one: run twice with the
 same folder for the warm figure.
 """
@@ -43,6 +44,8 @@ def main() -> None:
     else:
         for block in model.blocks:
             block.compile()
+        if hasattr(model, "inputs"):  # regional_compile_inputs.patch
+            model.inputs = torch.compile(model.inputs)
         model.output = torch.compile(model.output)
         step = model
     x = torch.randint(0, VOCAB, (1, 256))

@@ -19,10 +19,12 @@ seeds a warm one, on any machine:
     python3 bench/gpu_bench.py --budget 30 --seeds 0,1 --fresh-compile-cache --change "startup"
 
 Several variants, each `NAME=FILE` (`template` for the template), run one after another, or with
-`--side-by-side` all at once, one GPU each: on a machine with two GPUs, two 300 s runs cost the
-time of one. Each variant's output then goes to `NAME.log` beside `--out`:
+`--side-by-side` all at once, one GPU for each variant and seed: on a machine with two GPUs, two
+300 s runs cost the time of one. Each run's output then goes to `NAME.log` beside `--out`
+(`NAME-seedS.log` where there are several seeds):
 
     python3 bench/gpu_bench.py --side-by-side --variant template=template --variant v10=/tmp/v10.py
+    python3 bench/gpu_bench.py --side-by-side --seeds 0,1 --budget 300
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"gpu_bench: --seeds {text!r} is not a comma-separated list of integers, e.g. 0,1") from None
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"gpu_bench: --seeds {text!r} names a seed twice")
+    return seeds
+
+
 def parse_variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     """(name, train.py or None for the template) for each variant the command line asks for."""
     if not args.variant:
@@ -115,8 +127,8 @@ def make_lab(train_py: Path | None, args: argparse.Namespace) -> Path | None:
     return lab
 
 
-def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: str | None = None,
-              log=None) -> list[dict]:
+def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, seeds: list[int],
+              gpu: str | None = None, log=None) -> list[dict]:
     """Train and evaluate the lab's train.py once per seed; one row each, appended to --out."""
     rows = []
     env = {}
@@ -125,7 +137,7 @@ def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, gpu: 
         env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in seeds:
         start = _now()
         proc = nightlab("train", "--seed", str(seed), *set_flags(args), cwd=lab, env=env, log=log)
         record = json.loads((lab / ".nightlab/train_runs.jsonl").read_text().splitlines()[-1])
@@ -176,10 +188,11 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
                     help="a train.py to run, recorded as NAME; repeat for several ('template' for the template)")
     ap.add_argument("--side-by-side", action="store_true",
-                    help="run the variants at the same time, one GPU each (the machine needs that many)")
+                    help="run every variant and seed at the same time, one GPU each (the machine needs that many)")
     ap.add_argument("--set", action="append", default=[], help="extra nightlab.toml overrides")
     ap.add_argument("--fresh-compile-cache", action="store_true",
-                    help="give the runs an empty torch.compile cache: the first seed compiles cold, the rest warm")
+                    help="give the runs an empty torch.compile cache: the first seed compiles cold, the rest warm "
+                         "(side by side, each run has its own, so all compile cold)")
     ap.add_argument("--eval-modes", action="store_true",
                     help="also score each trained model as bench/eval_modes.py does (BOS in front, document heads)")
     default_out = Path(os.environ["OUT"]) / "results.jsonl" if os.environ.get("OUT") else ROOT / "bench/new_results.jsonl"
@@ -189,40 +202,49 @@ def main() -> int:
     gpus = gpu_names()
     card = gpus[0] if gpus else "cpu"
     pool = gpu_pool(len(gpus), os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else []
-    if args.side_by_side and gpus and len(pool) < len(variants):
-        raise SystemExit(f"gpu_bench: {len(variants)} variants side by side need {len(variants)} GPUs; "
-                         f"{len(pool)} are visible. Drop --side-by-side to run them one after another.")
+    seeds = parse_seeds(args.seeds)
+    runs = len(variants) * len(seeds)
+    if args.side_by_side and gpus and len(pool) < runs:
+        raise SystemExit(f"gpu_bench: {len(variants)} variant(s) x {len(seeds)} seed(s) side by side need {runs} GPUs; "
+                         f"{len(pool)} are visible. Give fewer, or drop --side-by-side to run them one after another.")
 
     t0 = time.time()
+    # One lab per variant, or with --side-by-side one per run, so runs at the same time never
+    # share a lab's records. Labs are made one after another: they share the dataset cache.
+    if args.side_by_side:
+        jobs = [(name, train_py, [seed]) for name, train_py in variants for seed in seeds]
+    else:
+        jobs = [(name, train_py, seeds) for name, train_py in variants]
     labs = []
-    for name, train_py in variants:  # one after another: they share the dataset cache
+    for name, train_py, job_seeds in jobs:
         lab = make_lab(train_py, args)
         if lab is None:
             return 1
-        labs.append((name, lab))
+        labs.append((name, lab, job_seeds))
     prepare_s = time.time() - t0
 
     rows: list[dict] = []
     if args.side_by_side:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        results: dict[str, list[dict]] = {}
+        results: dict[int, list[dict]] = {}
 
-        def bench(gpu: str | None, name: str, lab: Path) -> None:
-            with open(args.out.parent / f"{name}.log", "w") as log:
-                results[name] = run_seeds(lab, name, card, args, gpu=gpu, log=log)
-            print(f"{name}: done ({args.out.parent / f'{name}.log'})", flush=True)
+        def bench(index: int, gpu: str | None, name: str, lab: Path, job_seeds: list[int]) -> None:
+            log_path = args.out.parent / (f"{name}.log" if len(seeds) == 1 else f"{name}-seed{job_seeds[0]}.log")
+            with open(log_path, "w") as log:
+                results[index] = run_seeds(lab, name, card, args, job_seeds, gpu=gpu, log=log)
+            print(f"{name}, seed {job_seeds[0]}: done ({log_path})", flush=True)
 
         # one GPU each; where there is none (trying it out on a CPU) they share the CPU
-        threads = [threading.Thread(target=bench, args=(pool[i] if pool else None, name, lab))
-                   for i, (name, lab) in enumerate(labs)]
+        threads = [threading.Thread(target=bench, args=(i, pool[i] if pool else None, *job))
+                   for i, job in enumerate(labs)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        rows = [r for name, _ in labs for r in results.get(name, [])]
+        rows = [r for i in range(len(labs)) for r in results.get(i, [])]
     else:
-        for name, lab in labs:
-            rows += run_seeds(lab, name, card, args)
+        for name, lab, job_seeds in labs:
+            rows += run_seeds(lab, name, card, args, job_seeds)
 
     print(f"\nprepare: {prepare_s:.0f}s | card: {card}")
     print(f"{'change':<16} {'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} "
@@ -231,7 +253,7 @@ def main() -> int:
         print(f"{r['change'][:16]:<16} {r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} "
               f"{r['mfu'] or 0:>6.1f} {r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} "
               f"{r['overhead_s'] or 0:>9.1f} {r['peak_mem_gb']:>7.1f}  {r['corpus_hash']}")
-    return 0 if len(rows) == len(variants) * len(args.seeds.split(",")) else 1
+    return 0 if len(rows) == runs else 1
 
 
 if __name__ == "__main__":

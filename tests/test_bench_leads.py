@@ -52,7 +52,7 @@ def loss_and_grads(train, seed: int = 0):
 
 
 def test_there_are_leads_to_check() -> None:
-    assert {p.name for p in LEADS} >= {"regional_compile.patch", "short_windows.patch"}
+    assert {p.name for p in LEADS} >= {"regional_compile.patch", "regional_compile_inputs.patch", "short_windows.patch"}
 
 
 @pytest.mark.parametrize("lead", [p.name for p in LEADS])
@@ -63,9 +63,10 @@ def test_each_lead_applies_and_the_patched_template_trains(lead: str, prepared_t
     assert (tmp_path / "out" / "model.pt").exists() and (tmp_path / "out" / "summary.json").exists()
 
 
-def test_compiling_by_regions_computes_exactly_what_the_template_does(prepared_tiny: Path, tmp_path: Path,
+@pytest.mark.parametrize("lead", ["regional_compile.patch", "regional_compile_inputs.patch"])
+def test_compiling_by_regions_computes_exactly_what_the_template_does(lead: str, prepared_tiny: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    regions = load(patched(tmp_path, "regional_compile.patch"), prepared_tiny, tmp_path, monkeypatch, "regions")
+    regions = load(patched(tmp_path, lead), prepared_tiny, tmp_path, monkeypatch, "regions")
     template = load(TEMPLATE, prepared_tiny, tmp_path, monkeypatch, "template")
     loss, grads = loss_and_grads(regions)
     loss_t, grads_t = loss_and_grads(template)

@@ -18,9 +18,10 @@ BENCH = REPO_ROOT / "bench" / "gpu_bench.py"
 TEMPLATE = REPO_ROOT / "src" / "nightlab" / "template" / "train.py"
 
 
-def gpu_bench(*args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NIGHTLAB_HOME": str(home), "TMPDIR": str(cwd)}
+def gpu_bench(*args: str, home: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NIGHTLAB_HOME": str(home), "TMPDIR": str(cwd), **(env or {})}
     env.pop("OUT", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -64,6 +65,47 @@ def test_side_by_side_runs_the_variants_at_the_same_time_each_on_its_own_train_p
             for name, r in rows.items()}
     assert when["base"][0] < when["shallow"][1] and when["shallow"][0] < when["base"][1], when
     assert "base" in done.stdout and "shallow" in done.stdout  # the closing table names both
+
+
+@pytest.mark.slow
+def test_side_by_side_seeds_of_one_train_py_run_at_the_same_time_each_in_its_own_lab(tmp_path: Path) -> None:
+    books, out = gutenberg_sample(tmp_path / "books"), tmp_path / "out" / "results.jsonl"
+    done = gpu_bench("--dataset", f"local:{books}", *SMALL, "--side-by-side", "--seeds", "0,1",
+                     "--out", str(out), home=tmp_path / "home", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = {r["seed"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {0, 1} and all(r["status"] == "ok" and r["change"] == "template" for r in rows.values())
+    for seed in (0, 1):  # each seed's output in its own log, naming its seed
+        assert f"with seed {seed} on corpus" in (out.parent / f"template-seed{seed}.log").read_text()
+    when = {seed: (dt.datetime.fromisoformat(r["start"]), dt.datetime.fromisoformat(r["end"])) for seed, r in rows.items()}
+    assert when[0][0] < when[1][1] and when[1][0] < when[0][1], when
+    assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # two seeds, two trainings
+
+
+def fake_gpus(tmp_path: Path, count: int) -> dict[str, str]:
+    """A PATH whose nvidia-smi lists `count` GPUs, for what gpu_bench decides before any run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo 'NVIDIA H100 80GB HBM3'\n" for _ in range(count)))
+    smi.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_side_by_side_refuses_more_runs_than_gpus_naming_the_counts(tmp_path: Path) -> None:
+    env = fake_gpus(tmp_path, 2)
+    done = gpu_bench("--side-by-side", "--seeds", "0,1,2", home=tmp_path / "home", cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "need 3 GPUs" in done.stderr and "2 are visible" in done.stderr
+    done = gpu_bench("--side-by-side", "--variant", "a=template", "--variant", "b=template", "--seeds", "0,1",
+                     home=tmp_path / "home", cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "need 4 GPUs" in done.stderr
+
+
+def test_seeds_that_are_not_a_list_of_integers_are_named_in_the_error(tmp_path: Path) -> None:
+    for bad in ("0,x", "1,1"):
+        done = gpu_bench("--seeds", bad, home=tmp_path / "home", cwd=tmp_path)
+        assert done.returncode != 0 and repr(bad) in done.stderr, done.stderr
 
 
 def test_a_variant_that_is_not_name_equals_file_is_named_in_the_error(tmp_path: Path) -> None:

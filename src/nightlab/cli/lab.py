@@ -205,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     seed = conf.lab.seed if args.seed is None else args.seed
     run_dir = state_dir(lab_dir) / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"training {lab_dir / 'train.py'} for {conf.lab.budget_s:.0f}s on corpus {prepared.corpus_hash} "
+    print(f"training {lab_dir / 'train.py'} for {conf.lab.budget_s:.0f}s with seed {seed} on corpus {prepared.corpus_hash} "
           f"(log: {run_dir / 'train.log'})", flush=True)
     result = run_trial(lab_dir, run_dir, conf, seed, data_dir=prepared.dir, on_progress=lambda line: print(line, flush=True))
     record = {"run_dir": str(run_dir), "status": result.status, "val_bpb": result.val_bpb, "seed": seed,
