@@ -93,3 +93,9 @@ def test_org_check_lists_every_problem_and_the_org(tmp_path, capsys):
     (lab / "org" / "r.md").write_text("---\nkind: researcher\ncount: 2\n---\n")
     assert main(["org", "check", "--lab", str(lab)]) == 0
     assert "org (org/*.md): 2 x r (search), lead a (stats, every 10)" in capsys.readouterr().out
+
+
+def test_org_without_a_subcommand_prints_its_own_help(capsys):
+    assert main(["org"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nightlab org") and "check" in out and "simulate" not in out

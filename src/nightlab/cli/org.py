@@ -14,16 +14,16 @@ CHECKPOINTS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("org", help="the research org: role files in org/*.md",
-                       description="Roles are Markdown files in LAB/org/ with a front matter (name, kind, backend, "
-                       "model, count, edits, every) and the role's instructions as the body.")
-    org_sub = p.add_subparsers(dest="org_command", metavar="ORG_COMMAND")
+    org_parser = sub.add_parser("org", help="the research org: role files in org/*.md",
+                                description="Roles are Markdown files in LAB/org/ with a front matter (name, kind, "
+                                "backend, model, count, edits, every) and the role's instructions as the body.")
+    org_sub = org_parser.add_subparsers(dest="org_command", metavar="ORG_COMMAND")
     check = org_sub.add_parser("check", help="validate org/*.md and show the org nightlab run would use",
                                description="Every problem is listed with the file, the field and the fix. "
                                "Exit code 0 when the org is usable, 2 otherwise.")
     add_lab_args(check)
     check.set_defaults(func=cmd_org_check)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    org_parser.set_defaults(func=lambda args: (org_parser.print_help(), 2)[1])
 
     p = sub.add_parser(
         "simulate",
