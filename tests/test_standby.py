@@ -118,9 +118,10 @@ def test_its_startup_counts_against_the_allowance(tmp_path, data_dir):
     assert held.adopted == 1 and late.status == "timeout"
 
 
-def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool) -> int:
+def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool, starting: bool = False) -> int:
     """The pid of a standby whose runner was killed (``os._exit``: no cleanup) once it was waiting,
-    stopped first when ``pause`` (killed while an evaluation ran)."""
+    stopped first when ``pause`` (killed while an evaluation ran), or while it was still starting
+    up when ``starting``."""
     script = textwrap.dedent(f"""
         import os, time
         from pathlib import Path
@@ -130,15 +131,16 @@ def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool) -> in
         held = standby.Standby(Path({str(root)!r}),
                                upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
         held.launch(Path({str(work)!r}), config, Path({str(data_dir)!r}), "cpu", "cpu", {{}})
+        print(held._proc.pid, flush=True)
         ready = Path({str(root / '1' / 'gate' / 'ready')!r})
-        while not ready.exists():
+        while not ready.exists() and not {starting!r}:
             time.sleep(0.05)
         if {pause!r}:
             held.pause()
         os._exit(0)
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    return json.loads((root / "1" / "gate" / "ready").read_text())["pid"]
+    out = subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True)
+    return int(out.stdout.strip())
 
 
 def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
@@ -147,6 +149,18 @@ def test_a_standby_leaves_when_its_runner_dies(tmp_path, data_dir):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_a_standby_leaves_when_its_runner_dies_before_it_is_ready(tmp_path, data_dir):
+    # Adopted by another process during its startup, it must still see that its runner is gone.
+    ready = tmp_path / "standby" / "1" / "gate" / "ready"
+    pid = _orphaned_standby(tmp_path / "standby", _workdir(tmp_path / "a", STARTUP_S=1.0), data_dir,
+                            pause=False, starting=True)
+    assert not ready.exists()
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists() and not _alive(pid)
 
 
 def test_a_standby_stopped_by_a_killed_run_is_reaped_by_the_next(tmp_path, data_dir):

@@ -24,6 +24,7 @@ ENV_DEVICE = "NIGHTLAB_DEVICE"
 ENV_PRESET = "NIGHTLAB_PRESET"
 ENV_SEED = "NIGHTLAB_SEED"
 ENV_GATE = "NIGHTLAB_GATE"  # set when the runner starts this process before the GPU is free
+ENV_RUNNER = "NIGHTLAB_RUNNER_PID"  # the runner that will open the gate (set with NIGHTLAB_GATE)
 
 GATE_READY = "ready"  # written into the gate folder when startup is over
 GATE_GO = "go"  # written by the runner when the timed run may begin
@@ -76,7 +77,9 @@ class Session:
         gate = os.environ.get(ENV_GATE)
         if not gate:
             return
-        gate_dir, parent = Path(gate), os.getppid()
+        # The runner's pid comes from the runner: read here, os.getppid() would be whoever adopted
+        # this process if the runner died during startup, and the wait would never end.
+        gate_dir, parent = Path(gate), int(os.environ.get(ENV_RUNNER) or os.getppid())
         write_json(gate_dir / GATE_READY, {"pid": os.getpid(), "at": time.time()})
         while not (gate_dir / GATE_GO).exists():
             if os.getppid() != parent:  # the runner is gone: nobody will open the gate

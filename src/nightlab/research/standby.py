@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightlab.config import Config
-from nightlab.lab.session import ENV_GATE, GATE_GO, GATE_READY
+from nightlab.lab.session import ENV_GATE, ENV_RUNNER, GATE_GO, GATE_READY
 from nightlab.research import sandbox
 
 MAX_USED_SHARE = 0.45  # start a standby only while at most this share of the GPU's memory is in use
@@ -127,7 +127,8 @@ class Standby:
             from nightlab.research.runner import launch, train_env
 
             view = sandbox.train_view(data_dir, out)
-            env = {**train_env(config, out, view, expected.seed, device, preset), **extra_env, ENV_GATE: str(gate)}
+            env = {**train_env(config, out, view, expected.seed, device, preset), **extra_env,
+                   ENV_GATE: str(gate), ENV_RUNNER: str(os.getpid())}
             self._proc = launch([sys.executable, "train.py"], work, env, slot / LOG)
             self._slot, self._launched = slot, time.monotonic()
             self.expected = expected
