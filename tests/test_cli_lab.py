@@ -81,6 +81,12 @@ def test_init_writes_a_config_that_loads_back_with_its_settings(tmp_path: Path) 
     assert "MATRIX_LR" in conf.search.constants and "DEPTH" not in conf.search.constants
 
 
+def test_a_zero_shortcut_flag_is_checked_not_dropped(tmp_path: Path, capsys) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--budget", "0"]) == 2
+    assert "lab.budget_s must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "lab").exists()
+
+
 def test_commands_outside_a_lab_say_how_to_make_one(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for command in (["train"], ["prepare"], ["run"]):

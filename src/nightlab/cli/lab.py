@@ -84,7 +84,7 @@ def settings(args: argparse.Namespace) -> list[str]:
     """The ``--set`` items, then each shortcut flag given (``--budget 60``) as the setting it stands for."""
     sets = list(args.set)
     for flag, key in SHORTCUTS.items():
-        if getattr(args, flag, None):
+        if getattr(args, flag, None) is not None:  # --budget 0 is given, and refused by the checks
             sets.append(f"{key}={json.dumps(getattr(args, flag))}")
     return sets
 
