@@ -87,6 +87,13 @@ def test_a_zero_shortcut_flag_is_checked_not_dropped(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "lab").exists()
 
 
+def test_train_with_a_negative_seed_names_the_setting(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    assert main(["init", str(tmp_path / "lab"), "--dataset", "pycode:stdlib"]) == 0
+    assert main(["train", "--lab", str(tmp_path / "lab"), "--seed", "-1"]) == 2
+    assert "lab.seed must be between 0 and 2147483647, got -1" in capsys.readouterr().err
+
+
 def test_commands_outside_a_lab_say_how_to_make_one(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for command in (["train"], ["prepare"], ["run"]):

@@ -37,6 +37,39 @@ def test_a_bad_setting_is_an_error_that_names_it(assignment: str, named: str) ->
     assert named in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("assignment", "named"),
+    [
+        ("lab.seed=-1", "lab.seed must be between 0 and 2147483647, got -1"),
+        ("lab.budget_s=nan", "lab.budget_s must be positive seconds (a finite number above 0), got nan"),
+        ("lab.eval_timeout_s=inf", "lab.eval_timeout_s must be positive seconds (a finite number above 0), got inf"),
+        ("lab.startup_allowance_s=-500", "lab.startup_allowance_s must be 0 or more (a finite number), got -500.0"),
+        ("run.hours=nan", "run.hours must be 0 or more (a finite number), got nan"),
+        ("lab.eval_seq_len=1", "lab.eval_seq_len must be at least 2 tokens, got 1"),
+        ("lab.eval_max_tokens=-5", "lab.eval_max_tokens must be 0 (the whole split) or more, got -5"),
+        ("lab.num_shards=0", "lab.num_shards must be between 1 and 6542, got 0"),
+        ("lab.num_shards=6543", "lab.num_shards must be between 1 and 6542, got 6543"),
+        ('lab.device="gpu"', "lab.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ('lab.device="cuda:x"', "lab.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+        ("lab.vocab_size=8192.9", "vocab_size = 8192.9 is not a valid int (a whole number)"),
+        ("lab.seed=inf", "seed = inf is not a valid int (a whole number)"),
+        ('run.agent="gpt"', "run.agent must be one of search, api, cli, scripted, got 'gpt'"),
+        ('api.provider="gemini"', "api.provider must be one of openai, anthropic, got 'gemini'"),
+        ('cli.preset="cursor"', "cli.preset must be one of claude, codex, aider, gemini, opencode"),
+    ],
+)
+def test_a_value_out_of_range_names_the_key_the_value_and_the_range(assignment: str, named: str) -> None:
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.Config().with_overrides([assignment])
+    assert named in str(e.value)
+
+
+def test_values_in_range_pass() -> None:
+    conf = cfg.Config().with_overrides(['lab.device="cuda:1"', "lab.vocab_size=4096.0", "lab.startup_allowance_s=0",
+                                        'cli.preset="custom"', 'cli.command="my-agent {prompt_file}"'])
+    assert conf.lab.device == "cuda:1" and conf.lab.vocab_size == 4096 and conf.cli.preset == "custom"
+
+
 def test_a_bad_file_names_the_file_and_the_key(tmp_path: Path) -> None:
     (tmp_path / cfg.CONFIG_FILE).write_text("[lab]\nbudget_s = 60\nwarp = 9\n")
     with pytest.raises(cfg.ConfigError) as e:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +22,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_FILE = "nightlab.toml"
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -133,16 +137,19 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
                 raise TypeError
             if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
                 raise TypeError
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError  # int() would cut 8192.9 to 8192 without a word
             return hint(value)
         if origin is tuple:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
             return tuple(str(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
-    raise ConfigError(f"{where}: {name} = {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+    kind = "int (a whole number)" if hint is int else getattr(hint, "__name__", hint)
+    raise ConfigError(f"{where}: {name} = {value!r} is not a valid {kind}")
 
 
 def _merge(config: Config, tree: dict[str, Any], source: str) -> Config:
@@ -169,27 +176,47 @@ def _merge(config: Config, tree: dict[str, Any], source: str) -> Config:
 
 
 def validate(config: Config, source: str = "config") -> None:
+    from nightlab.lab.climbmix import LAST_SHARD
+    from nightlab.research.agents import AGENTS
+    from nightlab.research.agents.api import PROVIDERS
+    from nightlab.research.agents.cli import PRESETS
+
     lab, run = config.lab, config.run
-    if lab.budget_s <= 0:
-        raise ConfigError(f"{source}: lab.budget_s must be positive seconds, got {lab.budget_s}")
-    if lab.vocab_size < 260 or lab.vocab_size > 65535:
-        raise ConfigError(f"{source}: lab.vocab_size must be between 260 and 65535, got {lab.vocab_size}")
-    if lab.preset not in ("auto", "gpu", "cpu"):
-        raise ConfigError(f"{source}: lab.preset must be auto, gpu or cpu, got {lab.preset!r}")
-    if lab.sandbox not in ("none", "bwrap"):
-        raise ConfigError(f"{source}: lab.sandbox must be none or bwrap, got {lab.sandbox!r}")
-    if lab.standby not in ("auto", "on", "off"):
-        raise ConfigError(f"{source}: lab.standby must be auto, on or off, got {lab.standby!r}")
-    if run.policy not in ("noise", "greedy"):
-        raise ConfigError(f"{source}: run.policy must be noise or greedy, got {run.policy!r}")
-    if run.baseline_runs < 1:
-        raise ConfigError(f"{source}: run.baseline_runs must be at least 1, got {run.baseline_runs}")
-    if unknown := sorted(set(config.notify.on) - {"best", "end"}):
-        raise ConfigError(f"{source}: notify.on has {unknown}; allowed events: best, end")
-    if config.notify.format not in ("auto", "json", "ntfy"):
-        raise ConfigError(f"{source}: notify.format must be auto, json or ntfy, got {config.notify.format!r}")
-    if not lab.allowed_files:
-        raise ConfigError(f"{source}: lab.allowed_files is empty; list the files agents may edit, e.g. [\"train.py\"]")
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key} must be {allowed}, got {value!r}")
+
+    for key, seconds in (("lab.budget_s", lab.budget_s), ("lab.eval_timeout_s", lab.eval_timeout_s),
+                         ("api.timeout_s", config.api.timeout_s), ("cli.timeout_s", config.cli.timeout_s)):
+        need(math.isfinite(seconds) and seconds > 0, key, seconds, "positive seconds (a finite number above 0)")
+    for key, amount in (("lab.startup_allowance_s", lab.startup_allowance_s), ("run.hours", run.hours),
+                        ("run.noise_floor", run.noise_floor), ("run.simplicity_tolerance", run.simplicity_tolerance)):
+        need(math.isfinite(amount) and amount >= 0, key, amount, "0 or more (a finite number)")
+    need(260 <= lab.vocab_size <= 65535, "lab.vocab_size", lab.vocab_size, "between 260 and 65535")
+    need(1 <= lab.num_shards <= LAST_SHARD, "lab.num_shards", lab.num_shards, f"between 1 and {LAST_SHARD}")
+    need(lab.eval_seq_len >= 2, "lab.eval_seq_len", lab.eval_seq_len, "at least 2 tokens")
+    need(lab.eval_max_tokens >= 0, "lab.eval_max_tokens", lab.eval_max_tokens, "0 (the whole split) or more")
+    need(0 <= lab.seed <= MAX_SEED, "lab.seed", lab.seed, f"between 0 and {MAX_SEED}")
+    need(DEVICE.fullmatch(lab.device) is not None, "lab.device", lab.device, "auto, cpu, cuda or cuda:N")
+    need(lab.preset in ("auto", "gpu", "cpu"), "lab.preset", lab.preset, "auto, gpu or cpu")
+    need(lab.sandbox in ("none", "bwrap"), "lab.sandbox", lab.sandbox, "none or bwrap")
+    need(lab.standby in ("auto", "on", "off"), "lab.standby", lab.standby, "auto, on or off")
+    need(bool(lab.allowed_files), "lab.allowed_files", list(lab.allowed_files),
+         'a list of the files agents may edit, e.g. ["train.py"]')
+    need(run.agent in AGENTS, "run.agent", run.agent, f"one of {', '.join(AGENTS)}")
+    need(run.policy in ("noise", "greedy"), "run.policy", run.policy, "noise or greedy")
+    need(run.baseline_runs >= 1, "run.baseline_runs", run.baseline_runs, "at least 1")
+    need(run.confirm_runs >= 0, "run.confirm_runs", run.confirm_runs, "0 or more")
+    need(run.max_experiments >= 0, "run.max_experiments", run.max_experiments, "0 (no limit) or more")
+    need(config.api.provider in PROVIDERS, "api.provider", config.api.provider, f"one of {', '.join(PROVIDERS)}")
+    need(config.api.max_tokens >= 1, "api.max_tokens", config.api.max_tokens, "at least 1")
+    need(config.api.max_retries >= 0, "api.max_retries", config.api.max_retries, "0 or more")
+    need(config.cli.preset in PRESETS or bool(config.cli.command.strip()), "cli.preset", config.cli.preset,
+         f"one of {', '.join(PRESETS)} (or set cli.command for another program)")
+    need(set(config.notify.on) <= {"best", "end"}, "notify.on", list(config.notify.on), "a list of best, end")
+    need(config.notify.format in ("auto", "json", "ntfy"), "notify.format", config.notify.format,
+         "auto, json or ntfy")
 
 
 def load(lab_dir: Path | str, overrides: list[str] | None = None) -> Config:

@@ -77,7 +77,8 @@ def add_lab_args(p: argparse.ArgumentParser) -> None:
                    help="override a nightlab.toml setting, e.g. --set lab.budget_s=60 (repeatable)")
 
 
-SHORTCUTS = {"dataset": "lab.dataset", "budget": "lab.budget_s", "device": "lab.device", "preset": "lab.preset"}
+SHORTCUTS = {"dataset": "lab.dataset", "budget": "lab.budget_s", "device": "lab.device", "preset": "lab.preset",
+             "seed": "lab.seed"}
 
 
 def settings(args: argparse.Namespace) -> list[str]:
@@ -202,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepared = datasets.open_prepared(conf.lab.dataset, conf.lab.vocab_size)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    seed = conf.lab.seed if args.seed is None else args.seed
+    seed = conf.lab.seed  # --seed is one of the settings, checked with the others
     run_dir = state_dir(lab_dir) / "runs" / time.strftime("train-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"training {lab_dir / 'train.py'} for {conf.lab.budget_s:.0f}s with seed {seed} on corpus {prepared.corpus_hash} "
