@@ -94,6 +94,33 @@ def test_train_with_a_negative_seed_names_the_setting(tmp_path: Path, monkeypatc
     assert "lab.seed must be between 0 and 2147483647, got -1" in capsys.readouterr().err
 
 
+def test_init_where_no_folder_can_be_made_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["init", "/proc/nightlab-lab"]) == 2
+    assert "cannot create the lab folder /proc/nightlab-lab" in capsys.readouterr().err
+    (tmp_path / "file").write_text("mine")
+    assert main(["init", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_prepare_flags_are_checked_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text("A short book.\n" * 50)
+    monkeypatch.chdir(tmp_path)
+    for flags, named in ((["--vocab-size", "10"], "lab.vocab_size must be between 260 and 65535, got 10"),
+                         (["--num-shards", "0"], "lab.num_shards must be between 1 and 6542, got 0")):
+        assert main(["prepare", "--dataset", f"local:{books}", *flags]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+def test_demo_refuses_zero_experiments(tmp_path: Path, capsys) -> None:
+    assert main(["demo", str(tmp_path / "night"), "--experiments", "0"]) == 2
+    assert "--experiments 0: run at least 1 experiment" in capsys.readouterr().err
+    assert not (tmp_path / "night").exists()
+
+
 def test_commands_outside_a_lab_say_how_to_make_one(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for command in (["train"], ["prepare"], ["run"]):
@@ -132,3 +159,7 @@ def test_demo_runs_a_short_night_and_says_where_the_results_are(tmp_path: Path) 
     assert "nightlab report --open" in done.stdout
     conf = cfg.load(tmp_path / "night")
     assert conf.lab.dataset == "pycode:stdlib" and conf.lab.device == "cpu"
+    again = nightlab("demo", "night", "--experiments", "1", cwd=tmp_path, home=tmp_path / "home")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    more = [line.split("\t") for line in results.read_text().splitlines()]
+    assert len(more) == len(rows) + 1 and more[-1][4].startswith("search: ")  # one more experiment

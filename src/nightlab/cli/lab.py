@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a few experiments with the search agent on the tiny CPU model. Re-running continues the same lab.",
     )
     p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"), help="lab folder (default ./nightlab-demo)")
-    p.add_argument("--experiments", type=int, default=4, help="experiments after the baseline runs (default 4)")
+    p.add_argument("--experiments", type=int, default=4,
+                   help="experiments after the baseline runs (default 4); a re-run runs this many more")
     p.add_argument("--budget", type=float, default=20, help="training seconds per experiment (default 20)")
     p.set_defaults(func=cmd_demo)
 
@@ -78,7 +79,7 @@ def add_lab_args(p: argparse.ArgumentParser) -> None:
 
 
 SHORTCUTS = {"dataset": "lab.dataset", "budget": "lab.budget_s", "device": "lab.device", "preset": "lab.preset",
-             "seed": "lab.seed"}
+             "seed": "lab.seed", "vocab_size": "lab.vocab_size", "num_shards": "lab.num_shards"}
 
 
 def settings(args: argparse.Namespace) -> list[str]:
@@ -122,6 +123,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from nightlab.cli import UserError
 
     lab_dir: Path = args.dir
+    if lab_dir.exists() and not lab_dir.is_dir():
+        raise UserError(f"{lab_dir} is a file: choose a new folder for the lab")
     if lab_dir.exists() and any(lab_dir.iterdir()):
         raise UserError(f"{lab_dir} already exists and is not empty: choose a new folder for the lab")
     sets = settings(args)
@@ -132,7 +135,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     conf = cfg.Config().with_overrides(sets)
     if shutil.which("git") is None:
         raise UserError("git is not installed: nightlab keeps every experiment as a git commit; install git")
-    lab_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lab_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the lab folder {lab_dir}: {e.strerror}; choose a folder you can write to"
+                        ) from None
     template = resources.files("nightlab.template")
     for name in TEMPLATE_FILES:
         (lab_dir / name).write_text(template.joinpath(name).read_text())
@@ -166,13 +173,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.lab import datasets
     from nightlab.research import pycache
 
+    sets = settings(args)  # --dataset, --vocab-size and --num-shards are checked like the lab's settings
     if args.lab is None and args.dataset and nearest_lab() is None:
-        conf = cfg.Config().with_overrides(args.set).lab
+        conf = cfg.Config().with_overrides(sets).lab
     else:
-        conf = cfg.load(find_lab(args.lab), args.set).lab
-    spec = args.dataset or conf.dataset
-    vocab = args.vocab_size or conf.vocab_size
-    shards = args.num_shards or conf.num_shards
+        conf = cfg.load(find_lab(args.lab), sets).lab
+    spec, vocab, shards = conf.dataset, conf.vocab_size, conf.num_shards
     t0 = time.time()
     filling = pycache.fill()  # alongside the dataset, so the first trial already imports from it
     try:
@@ -232,6 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_TAG = "demo"
 DEMO_SETTINGS = (
     'lab.dataset="pycode:stdlib"',
     'lab.device="cpu"',
@@ -244,22 +251,33 @@ DEMO_SETTINGS = (
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """init (once) -> prepare -> run, each through the same commands a user would type."""
-    from nightlab.cli import main
+    from nightlab.cli import UserError, main
 
     lab_dir: Path = args.dir
+    if args.experiments < 1:
+        raise UserError(f"--experiments {args.experiments}: run at least 1 experiment")
     if not (lab_dir / cfg.CONFIG_FILE).exists():
         settings = [f"lab.budget_s={args.budget}", *DEMO_SETTINGS]
         if main(["init", str(lab_dir), *(a for s in settings for a in ("--set", s))]):
             return 1
     if main(["prepare", "--lab", str(lab_dir)]):
         return 1
-    status = main(["run", "--lab", str(lab_dir), "--max-experiments", str(args.experiments), "--tag", "demo",
-                   *(["--resume"] if _has_run(lab_dir) else [])])
+    before = _demo_experiments(lab_dir)  # a re-run runs --experiments more
+    status = main(["run", "--lab", str(lab_dir), "--max-experiments", str((before or 0) + args.experiments),
+                   "--tag", DEMO_TAG, *(["--resume"] if before is not None else [])])
     state = state_dir(lab_dir)
     print(f"\nresults: {state / 'results.tsv'} | store: {state / 'store.db'} | runs: {state / 'runs'}")
     print(f"report:  cd {lab_dir} && nightlab report --open")
     return status
 
 
-def _has_run(lab_dir: Path) -> bool:
-    return (state_dir(lab_dir) / "store.db").exists()
+def _demo_experiments(lab_dir: Path) -> int | None:
+    """How many experiments the demo run has so far; None before the first demo."""
+    from nightlab.research.store import Store
+
+    if not (state_dir(lab_dir) / "store.db").exists():
+        return None
+    with Store.open(lab_dir) as store:
+        if store.run(DEMO_TAG) is None:
+            return None
+        return sum(store.status_counts(DEMO_TAG, kind="experiment").values())
