@@ -8,6 +8,8 @@ import math
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,15 @@ def test_parse_progress_reads_the_template_line() -> None:
     assert other == live.Progress(step=0)
     assert live.parse_progress("model: 50.3M params, depth 8") is None
     assert math.isnan(live.parse_progress("step 00042 | loss nan | training diverged").loss)
+
+
+def test_parse_progress_reads_a_line_with_its_worker_in_front() -> None:
+    line = "[gpu0] step 00123 | loss 3.2100 | lr x1.00 | 1.62M tok/s | mfu 45.1% | epoch 0 | 123/300s"
+    assert live.parse_progress(line) == live.parse_progress(line.split("] ", 1)[1])
+    assert live.parse_progress(line).step == 123
+    assert live.split_worker(line) == ("gpu0", line.split("] ", 1)[1])
+    assert live.split_worker("step 1") == (None, "step 1")
+    assert live.parse_progress("[local] model: 50.3M params") is None
 
 
 def test_last_progress_is_the_newest_line_of_the_log(tmp_path: Path) -> None:
@@ -99,6 +110,16 @@ def test_status_names_the_fix_when_nothing_ran(tmp_path: Path) -> None:
     assert done.returncode == 2 and "start one with `nightlab run`" in done.stderr
 
 
+def test_status_watch_into_a_closed_pipe_stops_quietly(night: SimulatedNight) -> None:
+    watching = subprocess.Popen([sys.executable, "-m", "nightlab", "status", "--lab", str(night.lab), "--watch", "0.2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = watching.stdout.readline()  # as `| head -1` does
+    watching.stdout.close()
+    _, err = watching.communicate(timeout=60)
+    assert first.startswith(f"run {night.tag}")
+    assert watching.returncode == 0 and err == ""
+
+
 def test_watch_rereads_the_store_each_time(night: SimulatedNight) -> None:
     out = io.StringIO()
     with Store.open(night.lab) as store:
@@ -139,3 +160,19 @@ def test_live_view_redraws_in_place_on_a_terminal(night: SimulatedNight) -> None
     text = out.getvalue()
     assert "\x1b[" in text  # cursor movement and colour: the layout is redrawn in place
     assert "leaderboard" in text and "wider MLP, still training" in text and "#31 training: wider MLP" in text
+
+
+def test_live_view_shows_progress_lines_from_worker_threads(night: SimulatedNight) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    with Store.open(night.lab) as store, live.LiveView(store, night.lab, night.tag, console=console,
+                                                        refresh_s=0.05) as view:
+        with ThreadPoolExecutor(1) as trials:  # trials report from the scheduler's pool, as "[worker] line"
+            trials.submit(view.progress, "[gpu0] step 04321 | loss 2.7182 | lr x1.00 | 1.62M tok/s | mfu 45.1% | "
+                          "epoch 0 | 150/300s").result()
+        deadline = time.monotonic() + 10
+        while "4321" not in out.getvalue() and time.monotonic() < deadline:  # no event: the view redraws itself
+            time.sleep(0.05)
+        drawn = out.getvalue()
+    row = next(line for line in drawn.splitlines() if "4321" in line)
+    assert "gpu0" in row and f"#{night.running_id}" in row and "2.7182" in row and "2.5 min" in row

@@ -9,7 +9,9 @@ for scripts. ``LiveView`` is the same view driven by the loop during ``nightlab 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +29,7 @@ LEADERBOARD = 5
 EVENTS = 8
 LOG_TAIL_BYTES = 16_000  # how much of train.log is read to find the last progress line
 
+_WORKER = re.compile(r"^\[([^\]\s]+)\]\s*")  # the scheduler's "[gpu0] " before a worker's lines
 _STEP = re.compile(r"^step\s+(\d+)\b")
 _LOSS = re.compile(r"\bloss\s+([-+\w.]+)")
 _TOKS = re.compile(r"([\d.]+)\s*([KMG]?)\s*tok/s")
@@ -59,9 +62,16 @@ class Progress:
         return max(self.budget_s - self.elapsed_s, 0.0)
 
 
-def parse_progress(line: str) -> Progress | None:
-    """The progress line's numbers, or None when ``line`` is not a progress line."""
+def split_worker(line: str) -> tuple[str | None, str]:
+    """``("gpu0", "step 00123 | ...")`` for ``"[gpu0] step 00123 | ..."``; ``(None, line)`` without the prefix."""
     line = line.strip()
+    worker = _WORKER.match(line)
+    return (worker.group(1), line[worker.end():]) if worker else (None, line)
+
+
+def parse_progress(line: str) -> Progress | None:
+    """The progress line's numbers, or None when ``line`` is not a progress line (a ``[worker]`` prefix is fine)."""
+    line = split_worker(line)[1]
     step = _STEP.match(line)
     if not step:
         return None
@@ -352,15 +362,29 @@ def watch(snapshot: Callable[[], Snapshot], interval_s: float = 2.0, console=Non
                     time.sleep(interval_s)
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # the reader has gone (`nightlab status --watch | head -1`): stop quietly
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's last flush at exit does not hit the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 class LiveView:
     """The live view during ``nightlab run``, driven by the loop's callbacks.
 
     Pass ``view.say`` as the loop's event callback and ``view.progress`` as train.py's output
-    callback. On a terminal the layout redraws in place (at most every ``refresh_s``); elsewhere
-    each event is printed as one time-stamped line and progress lines are not repeated. Use it as
-    a context manager around the run.
+    callback. On a terminal the layout redraws in place, about every ``refresh_s``; elsewhere each
+    event is printed as one time-stamped line and progress lines are not repeated. Use it as a
+    context manager around the run.
+
+    Trials report their lines from worker threads (prefixed ``[worker]``), but the store may only
+    be read on the thread that made the view. So the store is read there, at each event, and the
+    progress lines are kept per worker; rich's refresh thread draws both, reading neither.
     """
 
     def __init__(self, store: Store, lab_dir: Path | str, run_tag: str, *, budget_s: float | None = None,
@@ -372,8 +396,11 @@ class LiveView:
         self.refresh_s = refresh_s
         self.events: deque[str] = deque(maxlen=events)
         self._live = None
-        self._last_refresh = 0.0
         self._owner = threading.get_ident()  # the store's connection may only be used on this thread
+        self._lock = threading.Lock()  # guards what follows, shared with the refresh thread
+        self._snap: Snapshot | None = None  # the store as last read on the owner thread
+        self._taken = 0.0  # when (time.monotonic)
+        self._lines: dict[str | None, tuple[float, Progress]] = {}  # worker -> (when, its last progress line)
 
     @property
     def interactive(self) -> bool:
@@ -383,53 +410,81 @@ class LiveView:
         if self.interactive:
             from rich.live import Live
 
-            self._live = Live(render(self.snapshot()), console=self.console, auto_refresh=False,
-                              redirect_stdout=True, redirect_stderr=True)
+            self._take()
+            self._live = Live(get_renderable=self._renderable, console=self.console,
+                              refresh_per_second=1 / max(self.refresh_s, 0.05), redirect_stdout=True,
+                              redirect_stderr=True)
             self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
-            self._refresh(force=True)
+            self._refresh()
             self._live.__exit__(None, None, None)
             self._live = None
 
     def snapshot(self) -> Snapshot:
         snap = take_snapshot(self.store, self.lab_dir, self.run_tag, budget_s=self.budget_s)
-        if self.events:
-            snap = replace(snap, events=tuple(self.events))
-        return snap
+        with self._lock:
+            events = tuple(self.events)
+        return replace(snap, events=events) if events else snap
 
     def say(self, line: str) -> None:
         """An event of the loop (one line)."""
         self.update(line)
 
     def progress(self, line: str) -> None:
-        """A line of train.py's output: redraws the lanes on a terminal; ignored in plain mode."""
-        if self._live is not None and parse_progress(line) is not None:
-            self._refresh()
+        """A line of train.py's output, from any thread: shown in its worker's lane on a terminal; ignored
+        in plain mode."""
+        worker, text = split_worker(line)
+        progress = parse_progress(text)
+        if self._live is not None and progress is not None:
+            with self._lock:
+                self._lines[worker] = (time.monotonic(), progress)
 
     def update(self, event: str | None = None) -> None:
         """Record ``event`` (if any) and redraw."""
         if event:
             stamped = f"{time.strftime('%H:%M:%S')} {event}"
-            self.events.append(stamped)
+            with self._lock:
+                self.events.append(stamped)
             if self._live is None:
                 self.console.file.write(stamped + "\n")
                 self.console.file.flush()
-        self._refresh(force=bool(event))
+        self._refresh()
 
-    def _refresh(self, force: bool = False) -> None:
-        if self._live is None or threading.get_ident() != self._owner:
+    def _refresh(self) -> None:
+        if self._live is None:
             return
-        now = time.monotonic()
-        if not force and now - self._last_refresh < self.refresh_s:
-            return
-        self._last_refresh = now
+        if threading.get_ident() == self._owner:
+            self._take()
+        self._live.refresh()
+
+    def _take(self) -> None:
+        """Read the store (owner thread only)."""
         try:
-            self._live.update(render(self.snapshot()), refresh=True)
+            snap = self.snapshot()
         except LookupError:
-            pass  # the run is not in the store yet
+            return  # the run is not in the store yet
+        with self._lock:
+            self._snap, self._taken = snap, time.monotonic()
+
+    def _renderable(self):
+        from rich.text import Text
+
+        with self._lock:
+            snap, taken, lines, events = self._snap, self._taken, dict(self._lines), tuple(self.events)
+        if snap is None:
+            return Text("starting...", style="dim")
+        lanes = []
+        for lane in snap.lanes:
+            when, progress = lines.get(lane.worker) or (lines.get(None) if len(snap.lanes) == 1 else None) or (0, None)
+            if lane.exp_id is not None and progress is not None and when > taken:  # newer than the store's view
+                if progress.budget_s is None and self.budget_s:
+                    progress = replace(progress, budget_s=self.budget_s)
+                lane = replace(lane, progress=progress)
+            lanes.append(lane)
+        return render(replace(snap, lanes=tuple(lanes), events=events or snap.events))
 
 
 # -- helpers ------------------------------------------------------------------------------------
