@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +128,35 @@ def test_prepare_skips_finished_steps_and_finishes_missing_ones(mixed_folder: Pa
     datasets.prepare(spec, VOCAB, home=home, progress=False)
     assert (directory / "train.tokens.npy").stat().st_mtime_ns != stamps[directory / "train.tokens.npy"]
     assert (directory / "text/train-00000.parquet").stat().st_mtime_ns == stamps[directory / "text/train-00000.parquet"]
+
+
+def test_a_second_prepare_of_a_dataset_waits_for_the_first(mixed_folder: Path, tmp_path: Path) -> None:
+    spec, home = f"local:{mixed_folder}", tmp_path / "home"
+    directory = datasets.dataset_dir(spec, VOCAB, home=home)
+    directory.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from nightlab.lab import datasets; "
+            "datasets.prepare(sys.argv[1], int(sys.argv[2]), home=Path(sys.argv[3]))")
+    with open(directory / datasets.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a prepare at work on it (another lab sharing the cache)
+        second = subprocess.Popen([sys.executable, "-c", code, spec, str(VOCAB), str(home)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "another nightlab prepare is preparing" in second.stdout.readline()
+        time.sleep(0.5)
+        assert second.poll() is None and list(directory.iterdir()) == [directory / datasets.LOCK_FILE]
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert datasets.open_prepared(spec, VOCAB, home=home).manifest["val_documents"] == 10
+
+
+def test_a_split_without_documents_is_never_marked_ready(mixed_folder: Path, tmp_path: Path) -> None:
+    spec, home = f"local:{mixed_folder}", tmp_path / "home"
+    directory = datasets.prepare(spec, VOCAB, home=home, progress=False)
+    (directory / "manifest.json").unlink()
+    np.save(directory / "val.tokens.npy", np.load(directory / "val.tokens.npy")[:0])  # as a broken earlier prepare
+    np.save(directory / "val.docs.npy", np.load(directory / "val.docs.npy")[:1])
+    with pytest.raises(datasets.DatasetError, match="the val split has no documents"):
+        datasets.prepare(spec, VOCAB, home=home, progress=False)
+    assert not (directory / "manifest.json").exists()
 
 
 def test_open_prepared_names_the_command(tmp_path: Path) -> None:

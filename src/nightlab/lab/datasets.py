@@ -9,11 +9,15 @@ skipped when its output is already there, each writing under a temporary name an
 3. tokens: both splits tokenized once (``train.tokens.npy``, ``train.docs.npy``, ``val.*``);
 4. ``manifest.json``: everything above in one record. Its presence means the dataset is ready.
 
-To rebuild from scratch, delete the dataset folder.
+A ``prepare`` holds an exclusive lock on ``.lock`` in the folder throughout, so a second one of the
+same dataset (another lab sharing the cache) waits, then finds it ready. To rebuild from scratch,
+delete the dataset folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +38,7 @@ from nightlab.lab.shards import INDEX_FILE, TextIndex, iter_text_batches, shard_
 
 SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"  # held by the prepare at work on the folder
 TEXT_DIR = "text"
 TOKENIZER_FILES = [bpe.TOKENIZER_FILE, bpe.TOKEN_BYTES_FILE]
 TOKEN_FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "docs")]
@@ -113,11 +118,44 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
     parsed = parse_spec(spec)
     directory = dataset_dir(spec, vocab_size, home=home)
     home_dir = Path(home) if home is not None else paths.cache_home()
-    if parsed.kind == "climbmix" and _prepared_shards(directory) not in (None, num_shards):
-        _say(progress, f"{directory.name} was prepared from {_prepared_shards(directory)} shards; "
-                       f"rebuilding it from {num_shards}")
-        shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory, progress):
+        if parsed.kind == "climbmix" and _prepared_shards(directory) not in (None, num_shards):
+            _say(progress, f"{directory.name} was prepared from {_prepared_shards(directory)} shards; "
+                           f"rebuilding it from {num_shards}")
+            _clear(directory)
+        _steps(parsed, spec, directory, home_dir, vocab_size, num_shards, tokenizer_chars, progress)
+    return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, progress: bool):
+    """Hold the folder's lock; say so when another prepare has it, then wait for it."""
+    with open(directory / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(progress, f"another nightlab prepare is preparing {directory.name}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _clear(directory: Path) -> None:
+    """Delete everything in the folder but its lock, which waiting prepares hold open."""
+    for path in directory.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _steps(parsed: DatasetSpec, spec: str, directory: Path, home_dir: Path, vocab_size: int, num_shards: int,
+           tokenizer_chars: int, progress: bool) -> None:
     index = _text_step(parsed, directory, home_dir, num_shards, progress)
     tokenizer = _tokenizer_step(directory, vocab_size, tokenizer_chars, progress)
     for split in ("train", "val"):
@@ -127,7 +165,6 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
                                   progress=progress)
     if not (directory / MANIFEST_FILE).is_file():
         _write_manifest(directory, spec, index, tokenizer, tokenizer_chars)
-    return directory
 
 
 def _say(enabled: bool, line: str) -> None:
@@ -191,6 +228,10 @@ def _tokenizer_step(directory: Path, vocab_size: int, max_chars: int, progress: 
 def _write_manifest(directory: Path, spec: str, index: TextIndex, tokenizer: bpe.Tokenizer,
                     tokenizer_chars: int) -> None:
     docs = {split: np.load(tokens.token_paths(directory, split)[1]) for split in ("train", "val")}
+    for split, starts in docs.items():
+        if len(starts) < 2:  # a document's start and the end: at least one document
+            raise DatasetError(f"dataset {spec}: the {split} split has no documents in {directory}; delete that "
+                               "folder and run `nightlab prepare` again")
     val = np.load(tokens.token_paths(directory, "val")[0], mmap_mode="r")
     manifest = {
         "spec": spec,
