@@ -145,6 +145,33 @@ def test_models_that_break_the_rules_are_invalid(data: Path, weights: Path, trai
     assert result["val_bpb"] is None
 
 
+def test_a_model_that_leaks_only_after_the_probe_is_caught_in_its_scoring_pass(data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    result = ev.evaluate(FIXTURES / "lateleak_train.py", weights, data, seq_len=SEQ_LEN, batch_size=3)
+    assert result["status"] == "invalid" and result["val_bpb"] is None
+    assert "scoring leak: the loss at position" in result["reason"]
+
+
+def test_probe_cuts_are_random_so_a_model_cannot_dodge_them(data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    with ev._train_py_context(FIXTURES / "dodgecuts_train.py", {"NIGHTLAB_DATA": str(data)}):
+        model = ev.import_train_py(FIXTURES / "dodgecuts_train.py").build_model()
+    model.load_state_dict(torch.load(weights))
+    val = ev.read_val_split(data)
+    with pytest.raises(ev.InvalidModel, match="causality leak"):
+        ev.check_causality(model, ev.plan_probes(val, SEQ_LEN, np.random.default_rng(0)), VOCAB, "cpu")
+    cuts = {c for seed in range(20) for p in ev.plan_probes(val, SEQ_LEN, np.random.default_rng(seed)) for c in p.cuts}
+    assert cuts == set(range(SEQ_LEN - 1))  # every position gets cut at, not a fixed few
+    runs = {ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["probe_seed"] for _ in range(2)}
+    assert len(runs) == 2  # new draws each run, recorded
+
+
+def test_logits_that_are_a_tensor_subclass_are_invalid(data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    result = ev.evaluate(FIXTURES / "subclass_train.py", weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "invalid" and "a subclass of torch.Tensor" in result["reason"]
+
+
 def test_probe_tolerance_allows_rounding_but_not_a_real_change() -> None:
     a = torch.log_softmax(torch.randn(SEQ_LEN, VOCAB), -1)
     assert ev._first_mismatch(a, a * (1 + 1e-6)) is None
@@ -170,7 +197,7 @@ def test_probe_runs_a_model_with_bf16_weights_in_fp32_and_gives_them_back(data: 
     table = model.embed.weight.detach().clone()
     with pytest.raises(RuntimeError):
         model(torch.zeros(1, 4, dtype=torch.long))  # bf16 activations into an fp32 layer, as such
-    probes = ev.plan_probes(ev.read_val_split(data), SEQ_LEN)
+    probes = ev.plan_probes(ev.read_val_split(data), SEQ_LEN, np.random.default_rng(0))
     ev.check_causality(model, probes, VOCAB, "cpu")  # no error, no leak
     assert model.embed.weight.dtype == torch.bfloat16
     assert torch.equal(model.embed.weight, table)
@@ -265,6 +292,35 @@ def test_cli_writes_eval_json_and_exit_codes(tmp_path: Path, data: Path, weights
     assert cheat["val_bpb"] == pytest.approx(expected, rel=1e-9)
     broken = json.loads((tmp_path / "broken_train.py" / "eval.json").read_text())
     assert "this model cannot be built" in broken["reason"] and "Traceback" in outputs["broken_train.py"][2]
+
+
+def evaluator_cli(train_py: Path, weights: Path, data: Path, out: Path, stdin: str | None = None):
+    cmd = [sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(train_py), "--weights", str(weights),
+           "--data", str(data), "--out", str(out), "--seq-len", str(SEQ_LEN)]
+    if stdin is not None:
+        cmd.append("--token-stdin")
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_rebinding_what_the_evaluator_captured_makes_the_run_invalid(tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    done = evaluator_cli(FIXTURES / "rebinding_train.py", weights, data, tmp_path / "eval.json")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert done.returncode == 3 and written["status"] == "invalid" and written["val_bpb"] is None
+    assert "_sum" in written["reason"] and "math.log" in written["reason"]
+
+
+def test_the_token_from_stdin_is_in_the_evaluators_eval_json_and_not_in_a_forged_one(
+        tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    done = evaluator_cli(FIXTURES / "toy_train.py", weights, data, tmp_path / "ok" / "eval.json", stdin="c0ffee\n")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "ok" / "eval.json").read_text())["token"] == "c0ffee"
+    (tmp_path / "forged").mkdir()
+    done = evaluator_cli(FIXTURES / "forging_train.py", weights, data, tmp_path / "forged" / "eval.json",
+                         stdin="c0ffee\n")
+    forged = json.loads((tmp_path / "forged" / "eval.json").read_text())
+    assert done.returncode == 0 and forged["val_bpb"] == 0.0001 and "token" not in forged  # what the runner checks
 
 
 def test_scoring_uses_prebuilt_attention_kernels_not_cudnn(tmp_path: Path, data: Path, weights: Path) -> None:

@@ -92,6 +92,24 @@ def test_leaking_model_is_invalid(tmp_path, data_dir):
     assert result.val_bpb is None
 
 
+FORGE = """
+import json as _json, os as _os, sys as _sys
+if "--out" in _sys.argv:  # inside the evaluator: write a perfect score and leave before it writes its own
+    with open(_sys.argv[_sys.argv.index("--out") + 1], "w") as _f:
+        _json.dump({"status": "ok", "val_bpb": 0.0001, "causal": True}, _f)
+    _os._exit(0)
+"""
+
+
+def test_an_eval_json_written_by_train_py_itself_is_invalid(tmp_path, data_dir):
+    work = _workdir(tmp_path)
+    (work / "train.py").write_text((work / "train.py").read_text() + FORGE)
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "invalid", result
+    assert result.val_bpb is None and "not written by the evaluator" in result.reason
+    assert result.eval == {}  # the forged figures are not recorded as the evaluator's
+
+
 def test_hard_cap_stops_the_whole_group_even_when_it_ignores_sigterm(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(runner, "TERM_GRACE_S", 0.5)
     started = time.monotonic()

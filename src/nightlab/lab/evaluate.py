@@ -7,17 +7,26 @@ sequence length. The model only supplies logits; the evaluator computes the cros
 with references to torch functions taken when this module was imported, before ``train.py`` was,
 so a ``train.py`` that patches ``torch`` (a fused or smoothed ``cross_entropy``, say) cannot change
 its own score; the windows, targets and byte counts are all fixed before ``train.py`` is imported.
-The command line also checks, after scoring, that every function of this module is still the one
-it was before train.py was imported (a train.py that replaces ``score`` or ``check_causality``
-makes the run ``invalid``), and it ends with ``os._exit`` right after writing eval.json, so exit
-handlers and threads train.py registered never run after the verdict. This is not a sandbox:
-code that sets out to subvert the process in subtler ways is for the reviewer role, the
-allowed-files check and ``lab.sandbox`` to limit (``bench/RELIABILITY.md`` lists what is open).
+The command line also checks, after scoring, that every global of this module, and every builtin
+and ``math`` function, is still the one it was before train.py was imported (a train.py that
+replaces ``score``, ``check_causality`` or a captured torch function makes the run ``invalid``),
+and it ends with ``os._exit`` right after writing eval.json, so exit handlers and threads
+train.py registered never run after the verdict. With ``--token-stdin`` it reads a token from
+stdin before train.py is imported and writes it into eval.json: the runner accepts only an
+eval.json carrying the token it sent, so a train.py that writes eval.json itself and exits is
+caught. This is not a sandbox: code that sets out to subvert the process in subtler ways (reading
+the evaluator's frames, say) is for the reviewer role, the allowed-files check and
+``lab.sandbox`` to limit (``bench/RELIABILITY.md`` lists what is open).
 
-Before scoring, a causality probe changes the tokens after a position t (early, middle and late t)
-and checks that the log-probabilities at positions <= t stay put, and that a window's
-log-probabilities do not depend on the other windows of its batch. A model that fails, or whose
-logits have the wrong shape or are not finite, is ``invalid``.
+Before scoring, a causality probe changes the tokens after a position t (the first, the last but
+one, and random ones between, new every run) and checks that the log-probabilities at positions
+<= t stay put, and that a window's log-probabilities do not depend on the other windows of its
+batch. After scoring, a few scoring batches, drawn at random then, are run again with the tokens
+after a random position of each row replaced by other val text, under the same autocast and
+shapes as scoring: the nats of the original targets up to that position must be those the
+scoring pass recorded. A model cannot tell those calls from scoring calls, so one that leaks only while it is
+scored (after its first calls, say, or only under autocast) is caught too. A model that fails, or
+whose logits have the wrong shape, are not a plain tensor or are not finite, is ``invalid``.
 
 The val stream is cut into windows of ``seq_len + 1`` tokens with stride ``seq_len``, so every
 target is predicted exactly once; the last, shorter window counts too. Targets whose token has no
@@ -35,11 +44,13 @@ Exit codes: 0 ok, 3 invalid, 1 error (the traceback is in ``reason`` and on stde
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import importlib.util
 import json
 import math
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -77,13 +88,17 @@ _tensor_item = torch.Tensor.item
 _autocast_cls = torch.autocast
 _inference_mode = torch.inference_mode
 _sdpa_kernel = sdpa_kernel
+_Tensor = torch.Tensor
+LN2 = math.log(2)
 PREBUILT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 3
 DEFAULT_SEQ_LEN = 2048
-PROBE_SEED = 1234  # fixed: the same windows and replacements every run
 PROBE_WINDOWS = 2  # random val windows the causality probe checks
+PROBE_CUTS = 3  # random positions t per window, besides the first and the last but one
 PROBE_TOLERANCE = 1e-3  # |Δ log-prob| allowed: this much absolute plus this much relative (fp32)
+VERIFY_BATCHES = 2  # scoring batches run again after scoring, their rows' futures replaced
+VERIFY_TOLERANCE = 1e-2  # |Δ nats| allowed there: absolute plus relative (same kernels and shapes)
 LOGITS_BUDGET_BYTES = {"cpu": 16 << 20, "cuda": 4 << 30}  # fp32 logits per batch, for the default batch size
 # (on the CPU, tensors of 32 MB or more are fresh mmaps that fault in page by page on every batch: keep them small)
 
@@ -154,6 +169,7 @@ def evaluate(
         "eval_s": 0.0,
         "corpus_hash": "",
         "device": device,
+        "probe_seed": secrets.randbits(63),  # new every run, recorded so an invalid verdict can be replayed
     }
     try:
         if seq_len < 2:
@@ -161,16 +177,19 @@ def evaluate(
         val = read_val_split(Path(data_dir))
         result["corpus_hash"] = val.corpus_hash
         # Everything that decides what is scored is fixed before train.py's code runs.
-        probes = plan_probes(val, seq_len)
+        rng = np.random.default_rng(result["probe_seed"])
+        probes = plan_probes(val, seq_len, rng)
         plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size), max_tokens)
         model = load_model(Path(train_py), Path(weights), device, data_dir=Path(data_dir), preset=preset)
         with _inference_mode(), _sdpa_kernel(PREBUILT_ATTENTION):
             check_causality(model, probes, val.vocab_size, device)
+            scored = score(model, plan, val.vocab_size, device)
+            verify_scoring(model, plan, scored, val, device, rng)
             result["causal"] = True
-            nats = score(model, plan, val.vocab_size, device)
+        nats = sum(float(_tensor_item(_sum(_where(b.scored, n, 0.0)))) for b, n in zip(plan.batches, scored))
         result.update(
             status="ok",
-            val_bpb=nats / (math.log(2) * plan.bytes),
+            val_bpb=nats / (LN2 * plan.bytes),
             val_loss_nats=nats / plan.tokens,
             tokens=plan.tokens,
             bytes=plan.bytes,
@@ -268,8 +287,11 @@ def logits_of(model: torch.nn.Module, idx: torch.Tensor, vocab_size: int) -> tor
     out = model(idx)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, _Tensor):
         raise InvalidModel(f"model(idx) returned {type(out).__name__}; it must return logits (a tensor [B, T, V])")
+    if type(out) is not _Tensor:  # a subclass could answer the loss's torch calls itself
+        raise InvalidModel(f"model(idx) returned a {type(out).__name__}, a subclass of torch.Tensor; "
+                           "it must return a plain torch.Tensor of logits")
     batch, length = idx.shape
     if out.dim() != 3 or out.shape[0] != batch or out.shape[1] != length or out.shape[2] < vocab_size:
         raise InvalidModel(
@@ -300,13 +322,14 @@ class Probe:
     cuts: tuple[int, ...]
 
 
-def plan_probes(val: ValSplit, seq_len: int) -> list[Probe]:
-    """A few fixed random val windows, each with copies changed after an early, middle and late t."""
-    rng = np.random.default_rng(PROBE_SEED)
+def plan_probes(val: ValSplit, seq_len: int, rng: np.random.Generator) -> list[Probe]:
+    """A few random val windows, each with copies changed after the first, the last but one and
+    ``PROBE_CUTS`` random positions t between."""
     length = min(seq_len, len(val.tokens) - 1)
-    cuts = tuple(sorted({t for t in (0, length // 4, length // 2, 3 * length // 4, length - 2) if 0 <= t <= length - 2}))
     probes = []
     for _ in range(PROBE_WINDOWS):
+        middle = rng.integers(1, length - 2, size=PROBE_CUTS) if length > 3 else []
+        cuts = tuple(sorted({t for t in (0, length - 2, *map(int, middle)) if 0 <= t <= length - 2}))
         begin = int(rng.integers(0, len(val.tokens) - length + 1))
         window = val.tokens[begin : begin + length]
         variants = [window]
@@ -439,15 +462,49 @@ def _groups(spans: list[tuple[int, int]], batch_size: int) -> Iterator[list[tupl
         yield group
 
 
-def score(model: torch.nn.Module, plan: ScoringPlan, vocab_size: int, device: str) -> float:
-    """Sum of nats over the plan's scored targets (bf16 autocast on CUDA, fp32 on CPU)."""
-    nats = 0.0
-    for batch in plan.batches:
-        with _autocast(device):
-            logits = logits_of(model, _tensor_to(batch.inputs, device, torch.int64), vocab_size)
-        per_target = _tensor_to(target_nats(logits, _tensor_to(batch.targets, device, torch.int64)), torch.float64)
-        nats += _tensor_item(_sum(_where(_tensor_to(batch.scored, device), per_target, 0.0)))
-    return nats
+def score(model: torch.nn.Module, plan: ScoringPlan, vocab_size: int, device: str) -> list[torch.Tensor]:
+    """The nats of every target of each of the plan's batches, float64 ``[B, T]`` on the CPU (bf16
+    autocast on CUDA, fp32 on CPU); the plan's ``scored`` mask says which count."""
+    return [_batch_nats(model, batch.inputs, batch.targets, vocab_size, device) for batch in plan.batches]
+
+
+def _batch_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                device: str) -> torch.Tensor:
+    with _autocast(device):
+        logits = logits_of(model, _tensor_to(inputs, device, torch.int64), vocab_size)
+    nats = target_nats(logits, _tensor_to(targets, device, torch.int64))
+    return _tensor_to(nats, "cpu", torch.float64)
+
+
+def verify_scoring(model: torch.nn.Module, plan: ScoringPlan, scored: list[torch.Tensor], val: ValSplit,
+                   device: str, rng: np.random.Generator) -> None:
+    """Raise ``InvalidModel`` if a scoring batch's nats depended on tokens after their targets.
+
+    ``VERIFY_BATCHES`` batches, drawn now, run again as they were scored but with the tokens after
+    a random position t of each row replaced by val text from elsewhere. The nats of the original
+    targets at positions <= t (whose inputs did not change) must be those the scoring pass gave.
+    """
+    for i in rng.choice(len(plan.batches), size=min(VERIFY_BATCHES, len(plan.batches)), replace=False):
+        batch = plan.batches[int(i)]
+        rows, length = batch.inputs.shape
+        if length < 2:
+            continue
+        inputs = batch.inputs.clone()
+        cuts = [int(t) for t in rng.integers(0, length - 1, size=rows)]
+        for row, t in enumerate(cuts):
+            n = length - t - 1
+            begin = int(rng.integers(0, len(val.tokens) - n + 1))
+            inputs[row, t + 1 :] = torch.from_numpy(val.tokens[begin : begin + n].astype(np.int32))
+        again = _batch_nats(model, inputs, batch.targets, val.vocab_size, device)
+        for row, t in enumerate(cuts):
+            before, after = scored[int(i)][row, : t + 1], again[row, : t + 1]
+            allowed = _add(_mul(_abs(before), VERIFY_TOLERANCE), VERIFY_TOLERANCE)
+            bad = _nonzero(_gt(_abs(_sub(before, after)), allowed))
+            if len(bad):
+                raise InvalidModel(
+                    f"scoring leak: the loss at position {int(_tensor_item(bad[0, 0]))} of a scored window changed "
+                    f"when only the tokens after position {t} changed; position p may only see tokens 0..p"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,18 +536,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per window (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: by logits memory)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N targets (0 = all)")
+    p.add_argument("--token-stdin", action="store_true",
+                   help="read a line from stdin before train.py is imported and write it into eval.json as 'token'")
     return p
 
 
-def own_functions() -> dict[str, tuple[Any, Any]]:
-    """This module's functions and their code objects, taken before train.py is imported."""
-    return {name: (fn, fn.__code__) for name, fn in list(globals().items())
-            if callable(fn) and getattr(fn, "__module__", None) == __name__ and hasattr(fn, "__code__")}
+def snapshot() -> dict[str, tuple[Any, Any]]:
+    """What scoring relies on, by identity, taken before train.py is imported: this module's globals
+    (the captured torch functions among them), the builtins and ``math``; functions with their code."""
+    spaces = (("", globals()), ("builtins.", vars(builtins)), ("math.", vars(math)))
+    return {prefix + name: (obj, getattr(obj, "__code__", None))
+            for prefix, space in spaces for name, obj in list(space.items())}
+
+
+def changed_since(before: dict[str, tuple[Any, Any]]) -> list[str]:
+    """The names of ``before`` now bound to another object, or whose function has other code."""
+    now = snapshot()
+    return sorted(name for name, (obj, code) in before.items()
+                  if name not in now or now[name][0] is not obj or getattr(obj, "__code__", None) is not code)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    own = own_functions()
+    token = sys.stdin.readline().strip() if args.token_stdin else None
+    own = snapshot()
     result = evaluate(
         args.train_py,
         args.weights,
@@ -501,10 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         preset=args.preset,
     )
-    replaced = sorted(name for name, (fn, code) in own.items() if globals().get(name) is not fn or fn.__code__ is not code)
+    replaced = own["changed_since"][0](own)
     if replaced:
         result.update(status="invalid", val_bpb=None, val_loss_nats=None,
-                      reason=f"train.py replaced the evaluator's own functions ({', '.join(replaced)})")
+                      reason=f"train.py replaced what the evaluator relies on ({', '.join(replaced)})")
+    if token is not None:
+        result["token"] = token
     own["write_json_atomic"][0](args.out, result)
     if result["status"] == "ok":
         print(f"val_bpb: {result['val_bpb']:.6f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -168,7 +169,7 @@ def run_trial(
     command = [
         sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(workdir / "train.py"),
         "--weights", str(weights), "--data", str(data_dir), "--out", str(eval_out),
-        "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len),
+        "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len), "--token-stdin",
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
@@ -176,16 +177,24 @@ def run_trial(
         command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir], readable=[workdir, data_dir])
     if standby is not None:
         standby.pause()  # the next trial's code stays still while this one is scored
+    # The evaluator reads this before train.py is imported and writes it into eval.json: an
+    # eval.json without it was written by someone else (a train.py that forged its score and exited).
+    token = secrets.token_hex(16)
     try:
         evaluation = _run_group(
             command, workdir, env, eval_log, config.lab.eval_timeout_s,
-            on_start=lambda pid: on_stage and on_stage("eval", pid),
+            on_start=lambda pid: on_stage and on_stage("eval", pid), stdin_data=f"{token}\n".encode(),
         )
         report = _read_json(eval_out)
     finally:
         if standby is not None:
             standby.resume()
+    forged = bool(report) and report.pop("token", None) != token
     base.update(eval=report, eval_s=evaluation.seconds)
+    if forged:
+        return _done(started, status="invalid", error=_tail(eval_log), **{**base, "eval": {}},
+                     reason="eval.json was not written by the evaluator (it lacks this evaluation's token): "
+                            "the evaluated train.py wrote its own result")
     if escaped := sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),
                      error=_tail(eval_log), **base)
@@ -239,17 +248,29 @@ def _done(started: float, **fields: Any) -> TrialResult:
     return TrialResult(total_s=time.monotonic() - started, **fields)
 
 
-def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path,
+           stdin_data: bytes | None = None) -> subprocess.Popen:
     """Start ``command`` in a new session (its own process group), output to ``log_path``.
 
     Output is written by the child to the file itself (not a pipe), and read back for progress:
-    a survivor holding a pipe open cannot block us, and a killed runner loses no log.
+    a survivor holding a pipe open cannot block us, and a killed runner loses no log. Its stdin is
+    empty, or ``stdin_data`` (a few bytes, written into the pipe before the child starts).
     """
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    stdin: int = subprocess.DEVNULL
+    if stdin_data is not None:
+        stdin, write_end = os.pipe()
+        try:
+            os.write(write_end, stdin_data)
+        finally:
+            os.close(write_end)
+    try:
+        with open(log_path, "wb") as log:
+            return subprocess.Popen(
+                command, cwd=cwd, env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+    finally:
+        if stdin_data is not None:
+            os.close(stdin)
 
 
 def _run_group(
@@ -261,11 +282,12 @@ def _run_group(
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[int], object] | None = None,
     on_tick: Callable[[float], object] | None = None,
+    stdin_data: bytes | None = None,
 ) -> _Stage:
     """Run ``command`` (or wait for a process already started) in its own group; stop the group
     at ``cap_s``. ``on_tick(seconds so far)`` is called while it runs."""
     started = time.monotonic()
-    proc = command if isinstance(command, subprocess.Popen) else launch(command, cwd, env, log_path)
+    proc = command if isinstance(command, subprocess.Popen) else launch(command, cwd, env, log_path, stdin_data)
     follower = _LogFollower(log_path, on_line)
     returncode: int | None = None
     try:
