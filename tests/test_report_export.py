@@ -33,6 +33,18 @@ def test_results_tsv_reads_like_autoresearch(night: SimulatedNight, capsys: pyte
         assert float(row["val_bpb"]) == pytest.approx(r.exp.val_bpb or 0.0, abs=1e-6)
 
 
+def test_results_tsv_into_a_folder_or_nowhere(night: SimulatedNight, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["export", "tsv", "--lab", str(night.lab), "--out", f"{folder}/"]) == 0
+    assert capsys.readouterr().out == f"results: {folder / 'results.tsv'}\n"
+    assert [p.name for p in folder.iterdir()] == ["results.tsv"]
+    assert main(["export", "tsv", "--lab", str(night.lab), "--out", str(tmp_path / "missing" / "r.tsv")]) == 2
+    assert capsys.readouterr().err == (f"nightlab: error: cannot write {tmp_path / 'missing' / 'r.tsv'}: "
+                                       "No such file or directory\n")
+
+
 def test_mlflow_export_logs_each_finished_experiment_once(night: SimulatedNight, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")

@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", choices=("tsv", "mlflow"), help="what to export to")
     p.add_argument("--tag", help="which run (default: the latest)")
-    p.add_argument("--out", type=Path, metavar="PATH", help="tsv: where to write (default: LAB/.nightlab/results.tsv)")
+    p.add_argument("--out", type=Path, metavar="PATH",
+                   help="tsv: the file to write, or a folder to write results.tsv in "
+                   "(default: LAB/.nightlab/results.tsv)")
     p.add_argument("--tracking-uri", metavar="URI", help="mlflow: tracking URI (default: see above)")
     p.add_argument("--experiment", metavar="NAME", help="mlflow: experiment name (default: nightlab <lab folder>)")
     add_lab_args(p)
@@ -167,7 +169,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     lab_dir = find_lab(args.lab)
     try:
         if args.target == "tsv":
-            print(f"results: {export.export_tsv(lab_dir, args.out, args.tag)}")
+            out = args.out / export.RESULTS_FILE if args.out is not None and args.out.is_dir() else args.out
+            try:
+                print(f"results: {export.export_tsv(lab_dir, out, args.tag)}")
+            except OSError as e:
+                raise UserError(f"cannot write {out}: {e.strerror}") from None
             return 0
         done = export.export_mlflow(lab_dir, args.tracking_uri, args.experiment, args.tag)
     except (LookupError, export.MissingMlflow) as e:
