@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -191,6 +194,43 @@ def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
     assert f"val_bpb: {flatter.val_bpb:.6f}" in out and "seed: 1" in out
     with Store.open(lab_dir) as store:
         assert [m.kind for m in store.measurements(flatter.id, kinds=("first", "replay"))] == ["first", "replay"]
+
+
+def test_a_second_command_on_a_lab_with_a_run_in_progress_is_refused(tmp_path, data_dir, capsys):
+    """A second `nightlab run --resume` would take the live run's experiment for a killed run's and stop its trial."""
+    lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
+    (lab_dir / ".nightlab").mkdir()
+    slow = {"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5", "new": "SHARPNESS = 1.0"},
+                                                  {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 4.0"}]}
+    (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps([slow]))
+    args = ["--lab", str(lab_dir), "--data", str(data_dir)]
+    first = subprocess.Popen([sys.executable, "-m", "nightlab", "run", "--agent", "scripted", "--tag", "t",
+                              "--max-experiments", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        rows = []
+        while not (len(rows) == 2 and rows[1].stage == "train") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if (lab_dir / ".nightlab" / "store.db").exists():
+                with Store.open(lab_dir) as store:
+                    rows = store.experiments("t")
+        assert len(rows) == 2 and rows[1].stage == "train"
+        train = lab_dir / "train.py"
+        train.write_text(set_constant(train.read_text(), "NOISE", 0.5))  # an edit for `nightlab experiment`
+        for command in (["run", "--resume", "--tag", "t", "--agent", "scripted", "--max-experiments", "1"],
+                        ["experiment", "-m", "noisy"], ["replay", "1"]):
+            assert main([*command, *args]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"nightlab: error: another nightlab run is working on the lab {lab_dir} (pid {first.pid}): "
+                           f"wait for it to end, or stop it first")
+        git(lab_dir, "checkout", "train.py")
+        out, _ = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out
+    with Store.open(lab_dir) as store:
+        assert [(e.description, e.status) for e in store.experiments("t")] == [("baseline", "keep"), ("sharper", "keep")]
+    assert main(["replay", "2", *args]) == 0  # the lab is free again
 
 
 def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):

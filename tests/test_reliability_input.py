@@ -56,6 +56,7 @@ CASES = [  # (name, how to break the lab, command after `nightlab`, what the one
     ("not a git repository", lambda lab: shutil.rmtree(lab / ".git"), ["run"], "is not a git repository"),
     ("uncommitted train.py", _dirty, ["run", "--agent", "scripted"], "uncommitted changes"),
     ("state folder is a file", lambda lab: (lab / ".nightlab").write_text("x"), ["run"], "cannot write nightlab's state"),
+    ("unknown device", lambda lab: None, ["run", "--devices", "foo"], "device 'foo': give GPU indices or cpu"),
 ]
 
 

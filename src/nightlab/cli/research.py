@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from nightlab import config as cfg
@@ -14,6 +17,7 @@ from nightlab.cli.lab import add_lab_args, find_lab
 from nightlab.paths import state_dir
 
 RESULTS_FILE = "results.tsv"
+LOCK_FILE = "lock"  # in the lab's state folder: held by the one command working on the lab
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +112,28 @@ def _check_writable(lab_dir: Path) -> None:
                         f"or remove {state} if it is not a folder") from None
 
 
+@contextlib.contextmanager
+def _holding(lab_dir: Path) -> Iterator[None]:
+    """Work on the lab alone: an exclusive lock on ``.nightlab/lock`` for as long as the command runs.
+    A second command on the same lab would stop the first one's trials as a killed run's (``recover``)."""
+    from nightlab.cli import UserError
+
+    state = state_dir(lab_dir)
+    state.mkdir(exist_ok=True)
+    with open(state / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise UserError(f"another nightlab run is working on the lab {lab_dir}"
+                            f"{f' (pid {holder})' if holder else ''}: wait for it to end, or stop it first") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield  # the lock goes with the file: at exit, or when the process dies
+
+
 def _check_committed(lab_dir: Path, config: cfg.Config) -> None:
     """A new run starts from HEAD: uncommitted edits of the files it experiments on would be ignored."""
     from nightlab.cli import UserError
@@ -158,12 +184,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.report.notify import Notifier
 
     stop = threading.Event()
-    with Store.open(lab_dir) as store:
+    # Workers first: a bad --devices or an unreachable --executor leaves no run behind (nor its branch).
+    lab = _lab(lab_dir, config, data_dir, None, None, args.verbose)  # its store and run follow
+    scheduler = None
+    if team is not None:
+        from nightlab.cli.org import scheduler_for
+
+        scheduler = scheduler_for(lab, team, args)
+    with _holding(lab_dir), Store.open(lab_dir) as store:
         try:
             run = start_run(lab_dir, store, config, config.run.agent, args.tag or config.run.tag, args.resume)
         except LookupError as e:
             raise UserError(str(e)) from None
-        lab = _lab(lab_dir, config, data_dir, store, run, args.verbose)
+        lab.store, lab.run = store, run
         previous = _on_signals(stop)
         with LiveView(store, lab_dir, run.tag, budget_s=config.lab.budget_s) as view:
             notifier = Notifier(config.notify, store, lab_dir, run.tag, view.say)
@@ -175,12 +208,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                           else config.run.max_experiments,
                           hours=args.hours if args.hours is not None else config.run.hours)
             try:
-                if team is None:
+                if scheduler is None:
                     run_loop(lab, proposer, stop=stop, **limits)
                 else:
-                    from nightlab.cli.org import scheduler_for
-
-                    scheduler_for(lab, team, args).run(stop=stop, **limits)
+                    scheduler.run(stop=stop, **limits)
             except BaselineError as e:
                 raise UserError(str(e)) from None
             except KeyboardInterrupt:
@@ -240,7 +271,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"no edits to test in {lab_dir}: change {', '.join(config.lab.allowed_files)} first")
     tag = args.tag or (branch.removeprefix("nightlab/") if branch.startswith("nightlab/") else branch)
     parent = git.resolve(lab_dir, "HEAD") or ""
-    with Store.open(lab_dir) as store:
+    with _holding(lab_dir), Store.open(lab_dir) as store:
         run = store.run(tag)
         if run is None:
             run = store.add_run(tag, branch, parent, "manual", cfg.dumps(config))
@@ -278,7 +309,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from nightlab.research.store import Store
 
     lab_dir, config, data_dir = _setup(args)
-    with Store.open(lab_dir) as store:
+    with _holding(lab_dir), Store.open(lab_dir) as store:
         try:
             exp = store.get(args.id)
         except KeyError as e:
