@@ -143,6 +143,36 @@ def test_recover_restores_the_branch_and_refs_after_a_kill_between_writes(tmp_pa
     assert git(lab_dir, "rev-parse", f"refs/nightlab/exp/{pending.id}") == commit
 
 
+# What a kill right after any one write would leave, checked by SQLite as each write happens: a
+# verdict without its numbers, or a trial's measurement before the row holds what the trial said.
+HALF_WRITES = """
+CREATE TEMP TRIGGER verdict_whole AFTER UPDATE OF status ON experiments
+WHEN NEW.status IN ('keep', 'discard') AND (NEW.val_bpb IS NULL OR NEW.noise IS NULL)
+BEGIN SELECT RAISE(ABORT, 'a verdict without its val_bpb and noise'); END;
+CREATE TEMP TRIGGER trial_whole BEFORE INSERT ON measurements
+WHEN (SELECT stage FROM experiments WHERE id = NEW.experiment_id) != 'judge'
+BEGIN SELECT RAISE(ABORT, 'a measurement before the numbers of its trial'); END;
+"""
+
+
+def test_no_kill_leaves_a_verdict_or_a_trial_half_written(tmp_path, data_dir):
+    from nightlab.research.agents.scripted import ScriptedProposer
+    from nightlab.research.loop import run_loop
+
+    from fixtures.standin.helpers import constant_step
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=1),
+                       set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
+    lab = open_lab(lab_dir, data_dir)
+    lab.store.conn.executescript(HALF_WRITES)
+    steps = [constant_step("broken", "MODE", "crash"), constant_step("sharper", "SHARPNESS", 1.0)]
+    run_loop(lab, ScriptedProposer(steps), max_experiments=2)
+    rows = lab.experiments()
+    assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("broken", "crash"), ("sharper", "keep")]
+    assert all(e.val_bpb is not None and e.noise is not None for e in (rows[0], rows[2]))
+    assert rows[1].error and rows[1].reason and rows[2].training_seconds is not None
+
+
 def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
     import shutil
 
@@ -158,6 +188,13 @@ def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
     shutil.rmtree(best)  # as if killed between a keep's verdict and the copy
     recover(lab)
     assert (best / "experiment.txt").read_text().split("\t")[0] == str(baseline.id)
+    # best/ of another experiment, and the old copy of a killed process that had this one's pid
+    (best / "experiment.txt").write_text("99\tcommit\t1.0\tanother\n")
+    left = lab_dir / ".nightlab" / f".best.{os.getpid()}.old"
+    left.mkdir()
+    (left / "model.pt").write_text("stale")
+    recover(lab)
+    assert (best / "experiment.txt").read_text().split("\t")[0] == str(baseline.id) and not left.exists()
 
 
 @pytest.mark.slow

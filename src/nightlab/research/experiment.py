@@ -6,8 +6,10 @@ the same code serves a fresh experiment and one resumed after ``kill -9``.
 
 Order of writes (what a kill between two of them leaves, and how ``recover`` mends it):
 commit → row with the commit → ref ``refs/nightlab/exp/<id>`` (missing ref: re-created) →
-stage and process group before each trial (live group: stopped, trial re-run) → measurement →
-verdict in the row → branch tip (behind the last keep: moved there).
+stage and process group before each trial (live group: stopped, trial re-run) → the trial's
+numbers in the row, then its measurement (no measurement: trial re-run, numbers written again) →
+verdict in the row, with its val_bpb and noise in the same write → branch tip (behind the last
+keep: moved there).
 """
 
 from __future__ import annotations
@@ -243,9 +245,7 @@ def finish_baseline(lab: Lab, exp: Experiment) -> Experiment:
         raise BaselineError(f"the baseline train.py failed ({why}); fix train.py at "
                             f"{lab.run.base_commit[:10]} and run again (log: {lab.runs_dir / str(exp.id)})")
     exp = lab.store.update(exp.id, status="keep", stage="done", val_bpb=policy.mean(values),
-                           reason=f"baseline over {len(values)} seed(s)", finished_at=now())
-    lab.count_noise(exp)
-    exp = lab.store.update(exp.id, noise=lab.noise())
+                           noise=_noise_with(lab, exp), reason=f"baseline over {len(values)} seed(s)", finished_at=now())
     _save_best(lab, exp)  # a night with no keep still leaves its best model in best/
     lab.say(f"#{exp.id} baseline: val_bpb {exp.val_bpb:.6f} over {len(values)} seed(s), noise {lab.noise():.6f}")
     return exp
@@ -338,9 +338,8 @@ def start_trial(lab: Lab, exp: Experiment, trial: Trial, worker: str | None = No
 
 
 def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -> None:
-    """Store the outcome of ``trial`` (and, for the first, the run's numbers)."""
-    lab.store.add_measurement(exp.id, trial.seed, trial.kind, result.status, result.val_bpb, trial_dir(lab, trial),
-                              result.reason)
+    """Store the outcome of ``trial`` (and, for the first, the run's numbers): the row first, the
+    measurement last, so that a trial is recorded only with everything the verdict reads from it."""
     if trial.k == 0:
         s = result.summary
         lab.store.update(exp.id, stage="judge", pgid=None, training_seconds=s.get("training_seconds", result.train_s),
@@ -353,6 +352,8 @@ def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -
                          reason=f"seed {trial.seed}: {result.reason}")
     else:
         lab.store.update(exp.id, stage="judge", pgid=None)
+    lab.store.add_measurement(exp.id, trial.seed, trial.kind, result.status, result.val_bpb, trial_dir(lab, trial),
+                              result.reason)
     if result.status == "ok":  # a failure is told once, with the experiment's verdict
         label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
         lab.say(f"{label} ok: val_bpb {result.val_bpb:.6f} ({result.total_s:.1f} s)")
@@ -425,14 +426,22 @@ def _judge(lab: Lab, exp: Experiment, reference: Experiment) -> policy.Verdict:
 
 
 def _finish(lab: Lab, exp: Experiment, status: str, reason: str, review: str = "") -> Experiment:
-    judged = status in ("keep", "discard")
-    exp = lab.store.update(exp.id, status=status, stage="done", pgid=None, reason=reason, review=review,
-                           finished_at=now(), **({"error": ""} if judged else {}))
-    lab.count_noise(exp)
+    judged = status in ("keep", "discard")  # one write: a verdict is never on disk without its numbers
+    numbers = {}
     if judged:
-        exp = lab.store.update(exp.id, val_bpb=policy.mean(lab.store.values(exp.id)), noise=lab.noise())
+        numbers = dict(error="", val_bpb=policy.mean(lab.store.values(exp.id)), noise=_noise_with(lab, exp))
+    lab.count_noise(exp)
+    exp = lab.store.update(exp.id, status=status, stage="done", pgid=None, reason=reason, review=review,
+                           finished_at=now(), **numbers)
     lab.say(f"#{exp.id} {exp.status}: {exp.reason}")
     return exp
+
+
+def _noise_with(lab: Lab, exp: Experiment) -> float:
+    """The noise estimate once the measurements of ``exp`` (not yet finished) are counted in it."""
+    lab.noise()  # the estimate of the experiments finished before it
+    lab.count_noise(exp)
+    return lab.noise()
 
 
 def _save_best(lab: Lab, exp: Experiment) -> None:
@@ -452,6 +461,7 @@ def _save_best(lab: Lab, exp: Experiment) -> None:
             (tmp / name).write_text(text)
     (tmp / "experiment.txt").write_text(f"{exp.id}\t{exp.commit_sha}\t{exp.val_bpb}\t{exp.description}\n")
     old = state_dir(lab.dir) / f".best.{os.getpid()}.old"
+    shutil.rmtree(old, ignore_errors=True)  # left by a killed process of the same pid
     if best.exists():
         best.rename(old)
     tmp.rename(best)
