@@ -120,6 +120,28 @@ def test_guard_puts_back_what_a_trial_changed(tmp_path, data_dir):
     assert sandbox.Guard.take(lab_dir, lab.store.path, running.id).check() == []
 
 
+def test_guard_restores_the_store_whole_or_not_at_all(tmp_path, data_dir):
+    import sqlite3
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0))
+    lab = open_lab(lab_dir, data_dir)
+    base = lab.store.add_experiment("t", kind="baseline", status="keep", stage="done", val_bpb=5.0)
+    lab.store.add_measurement(base.id, 0, "baseline", "ok", 5.0, tmp_path)
+    lab.store.add_measurement(base.id, 1, "baseline", "ok", 5.0, tmp_path)
+    running = lab.store.add_experiment("t", status="running", stage="train")
+    guard = sandbox.Guard.take(lab_dir, lab.store.path, running.id)
+    lab.store.conn.execute("UPDATE measurements SET val_bpb = 9.9 WHERE seed = 1")  # the trial cheats
+    # Putting the second measurement back fails (as a full disk would): nothing of the restore stays.
+    lab.store.conn.execute("CREATE TRIGGER full BEFORE INSERT ON measurements WHEN NEW.seed = 1 "
+                           "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="disk is full"):
+        guard.check()
+    assert [(m.seed, m.val_bpb) for m in lab.store.measurements(base.id)] == [(0, 5.0), (1, 9.9)]
+    lab.store.conn.execute("DROP TRIGGER full")
+    assert guard.check() == [f"changed the measurements of #{base.id} in the store (restored)"]
+    assert [(m.seed, m.val_bpb) for m in lab.store.measurements(base.id)] == [(0, 5.0), (1, 5.0)]
+
+
 def test_sandbox_setting_is_validated():
     with pytest.raises(ConfigError, match="lab.sandbox must be none or bwrap"):
         Config().with_overrides(["lab.sandbox='docker'"])

@@ -211,18 +211,24 @@ class Guard:
         changes = []
         conn = sqlite3.connect(self.store_path, timeout=30.0, isolation_level=None)
         try:
-            for exp_id, before in self.rows.items():
-                if rows.get(exp_id) != before:
-                    conn.execute("UPDATE experiments SET status = ?, val_bpb = ?, commit_sha = ?, parent_commit = ? "
-                                 "WHERE id = ?", (*before, exp_id))
-                    changes.append(f"changed experiment #{exp_id} in the store (restored)")
-            for exp_id in set(self.measured) | set(measured):
-                if measured.get(exp_id, []) != self.measured.get(exp_id, []):
-                    conn.execute("DELETE FROM measurements WHERE experiment_id = ? AND kind != 'replay'", (exp_id,))
-                    conn.executemany("INSERT INTO measurements (id, experiment_id, seed, kind, status, val_bpb, "
-                                     "reason, run_dir, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                     self.measured.get(exp_id, []))
-                    changes.append(f"changed the measurements of #{exp_id} in the store (restored)")
+            conn.execute("BEGIN IMMEDIATE")  # restored whole or not at all: never measurements deleted, not put back
+            try:
+                for exp_id, before in self.rows.items():
+                    if rows.get(exp_id) != before:
+                        conn.execute("UPDATE experiments SET status = ?, val_bpb = ?, commit_sha = ?, "
+                                     "parent_commit = ? WHERE id = ?", (*before, exp_id))
+                        changes.append(f"changed experiment #{exp_id} in the store (restored)")
+                for exp_id in set(self.measured) | set(measured):
+                    if measured.get(exp_id, []) != self.measured.get(exp_id, []):
+                        conn.execute("DELETE FROM measurements WHERE experiment_id = ? AND kind != 'replay'", (exp_id,))
+                        conn.executemany("INSERT INTO measurements (id, experiment_id, seed, kind, status, val_bpb, "
+                                         "reason, run_dir, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                         self.measured.get(exp_id, []))
+                        changes.append(f"changed the measurements of #{exp_id} in the store (restored)")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         finally:
             conn.close()
         return changes
