@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -253,6 +254,45 @@ def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path,
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
     assert [e.status for e in rows][0] == "crash" and "No space left on device" in rows[0].reason
     assert len(rows) == 2 and rows[1].status in ("keep", "discard")  # the night went on
+
+
+def test_an_error_after_a_verdict_is_told_and_the_verdict_stands(tmp_path):
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    said: list[str] = []
+    lab.say = said.append
+
+    def lead(lab_, board):
+        raise OSError(28, "No space left on device")  # writing notes/agenda.md
+
+    def on_finished(exp):
+        raise ConnectionError("the notification server is down")
+
+    lead.every = 1
+    lab.on_finished = on_finished
+    steps = [constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02)]
+    Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], _workers(lab, 1), lead=lead).run(max_experiments=2)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert rows[0].status == "keep" and all(e.status in ("keep", "discard") for e in rows)  # no crash
+    kept = [e for e in rows if e.status == "keep"]
+    assert lab.best().id == kept[-1].id
+    assert lab.git.resolve(lab.dir, f"refs/heads/{lab.run.branch}") == kept[-1].commit_sha
+    assert said.count("lead failed: OSError: [Errno 28] No space left on device") == len(rows)
+    assert f"#{rows[0].id}: telling of its verdict failed: ConnectionError: the notification server is down" in said
+
+
+def test_a_keep_stays_a_keep_when_its_copy_to_best_fails(tmp_path):
+    from nightlab.research.experiment import measure_baseline
+
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    said: list[str] = []
+    lab.say = said.append
+    measure_baseline(lab)
+    (lab.dir / ".nightlab" / f".best.{os.getpid()}.tmp").write_text("")  # where best/ is assembled: blocked
+    steps = [constant_step("deeper", "DEPTH", 12)]
+    Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], _workers(lab, 1)).run(max_experiments=1)
+    (row,) = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert row.status == "keep" and row.val_bpb is not None and lab.best().id == row.id
+    assert any(line.startswith("trial failed: nightlab error: FileExistsError") for line in said), said
 
 
 @pytest.mark.slow

@@ -239,7 +239,8 @@ class Scheduler:
                 stop_group(exp.pgid)
 
     def _failed(self, event: tuple, error: Exception) -> None:
-        """Record an unexpected error of one event: its experiment crashes, its worker is free again."""
+        """Record an unexpected error of one event: its experiment crashes (unless its verdict was
+        already recorded: that stands), its worker is free again."""
         reason = f"nightlab error: {type(error).__name__}: {error}"
         self.lab.say(f"{event[0]} failed: {reason}")
         if event[0] == "trial":
@@ -250,6 +251,8 @@ class Scheduler:
                 self.idle.append(worker)
             if exp_id == self.baseline_id:
                 raise BaselineError(f"the baseline could not be measured: {reason}")
+            if self.lab.store.get(exp_id).finished:  # e.g. copying a keep to best/ failed after its verdict
+                return
             exp = self.lab.store.update(exp_id, status="crash", stage="done", pgid=None, reason=reason,
                                         finished_at=now())
             self.done.append(exp)
@@ -427,16 +430,25 @@ class Scheduler:
             researcher, proposal = author
             researcher.outcomes.append((proposal, exp))
             self.board.release(researcher.name)  # a re-applied change runs on without a claim
-        if exp.status == "keep" and exp.val_bpb is not None:
-            self.board.add_finding(f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}")
         self.done.append(exp)
+        # The verdict is recorded: what follows (notes, notifications, the lead) may fail, never change it.
+        if exp.status == "keep" and exp.val_bpb is not None:
+            line = f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}"
+            self._after(f"#{exp.id}: adding it to the findings", lambda: self.board.add_finding(line))
         if lab.on_finished:
-            lab.on_finished(exp)
+            self._after(f"#{exp.id}: telling of its verdict", lambda: lab.on_finished(exp))
         if self.lead is not None and exp.kind == "experiment":
             self.since_lead += 1
             if self.since_lead >= getattr(self.lead, "every", 10):
                 self.since_lead = 0
-                lab.say(f"lead: {self.lead(lab, self.board)}")
+                self._after("lead", lambda: lab.say(f"lead: {self.lead(lab, self.board)}"))
+
+    def _after(self, what: str, work: Callable[[], object]) -> None:
+        """Run work that follows a verdict; an error in it is told, and the night goes on."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 -- e.g. a full disk while writing the notes
+            self.lab.say(f"{what} failed: {type(e).__name__}: {e}")
 
 
 def _serve(inbox: queue.Queue) -> None:
