@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fixtures.standin.helpers import git as run_git
@@ -24,6 +26,20 @@ def test_worktree_is_a_clean_detached_checkout_that_leaves_the_lab_alone(lab):
     assert (again / "train.py").read_text() == (lab / "train.py").read_text()
     assert not (again / "scratch.txt").exists()
     assert git.current_branch(lab) == "main" and git.changed_files(lab) == []
+
+
+def test_a_worktree_git_refuses_to_check_out_is_made_again(lab):
+    base = git.resolve(lab, "HEAD")
+    work = git.worktree(lab, "propose", base)
+    (work / "train.py").write_text("A = 5\n")
+    admin = Path(run_git(work, "rev-parse", "--absolute-git-dir"))
+    (admin / "index.lock").write_text("")  # left by a git command killed in the worktree
+    with pytest.raises(git.GitError, match="index.lock"):
+        git.commit_all(work, "edit")
+    again = git.worktree(lab, "propose", base)
+    assert again == work and (again / "train.py").read_text() == (lab / "train.py").read_text()
+    (again / "train.py").write_text("A = 6\n")
+    assert git.resolve(lab, git.commit_all(again, "edit")) and "propose" in run_git(lab, "worktree", "list")
 
 
 def test_changed_files_sees_edits_new_files_deletions_and_renames(lab):

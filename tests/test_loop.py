@@ -200,12 +200,14 @@ def test_a_second_command_on_a_lab_with_a_run_in_progress_is_refused(tmp_path, d
     """A second `nightlab run --resume` would take the live run's experiment for a killed run's and stop its trial."""
     lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
     (lab_dir / ".nightlab").mkdir()
-    slow = {"description": "sharper", "replace": [{"file": "train.py", "old": "SHARPNESS = 0.5", "new": "SHARPNESS = 1.0"},
-                                                  {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 4.0"}]}
+    sharper = {"file": "train.py", "old": "SHARPNESS = 0.5", "new": "SHARPNESS = 1.0"}
+    longer = {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 4.0"}
+    slow = {"description": "sharper", "replace": [sharper, longer]}
     (lab_dir / ".nightlab" / "scripted.json").write_text(json.dumps([slow]))
     args = ["--lab", str(lab_dir), "--data", str(data_dir)]
     first = subprocess.Popen([sys.executable, "-m", "nightlab", "run", "--agent", "scripted", "--tag", "t",
-                              "--max-experiments", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              "--max-experiments", "1", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         rows = []
@@ -229,8 +231,26 @@ def test_a_second_command_on_a_lab_with_a_run_in_progress_is_refused(tmp_path, d
         first.kill()
     assert first.returncode == 0, out
     with Store.open(lab_dir) as store:
-        assert [(e.description, e.status) for e in store.experiments("t")] == [("baseline", "keep"), ("sharper", "keep")]
+        rows = store.experiments("t")
+    assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("sharper", "keep")]
     assert main(["replay", "2", *args]) == 0  # the lab is free again
+
+
+def test_a_git_killed_in_the_propose_worktree_costs_one_proposal(tmp_path, data_dir):
+    lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
+    lab = open_lab(lab_dir, data_dir)
+
+    def edit_then_git_dies(worktree: Path) -> str:
+        description = constant_step("sharper", "SHARPNESS", 1.0)(worktree)
+        admin = Path(git(worktree, "rev-parse", "--absolute-git-dir"))
+        (admin / "index.lock").write_text("")  # as an agent's `git status` killed at its timeout leaves it
+        return description
+
+    steps = [edit_then_git_dies, constant_step("sharper again", "SHARPNESS", 1.0),
+             constant_step("noisier", "NOISE", 2.0)]
+    run_loop(lab, ScriptedProposer(steps), max_experiments=3)
+    rows = [(e.description, e.status) for e in lab.experiments() if e.kind == "experiment"]
+    assert rows == [("sharper", "invalid"), ("sharper again", "keep"), ("noisier", "discard")]
 
 
 def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):

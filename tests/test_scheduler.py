@@ -295,6 +295,21 @@ def test_a_keep_stays_a_keep_when_its_copy_to_best_fails(tmp_path):
     assert any(line.startswith("trial failed: nightlab error: FileExistsError") for line in said), said
 
 
+def test_a_proposal_that_cannot_be_prepared_is_invalid_and_the_night_goes_on(tmp_path):
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    blocked = lab.dir / ".nightlab" / "worktrees" / "propose-a"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("")  # researcher a's worktree cannot be made
+    researchers = [Researcher("a", ScriptedProposer([constant_step("deeper", "DEPTH", 12)])),
+                   Researcher("b", ScriptedProposer([constant_step("lower lr", "MATRIX_LR", 0.02)]))]
+    Scheduler(lab, researchers, _workers(lab, 1)).run(max_experiments=3)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert len(rows) == 3
+    assert all(e.status == "invalid" and "could not prepare a proposal: FileExistsError" in e.reason
+               for e in rows if e.agent == "a") and any(e.agent == "a" for e in rows)
+    assert [(e.description, e.status) for e in rows if e.agent == "b"] == [("lower lr", "keep")]
+
+
 @pytest.mark.slow
 def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(tmp_path, data_dir):
     slow = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.0)

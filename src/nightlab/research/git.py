@@ -9,6 +9,7 @@ worktrees under ``LAB/.nightlab/worktrees/``, so the lab's own checkout is never
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,16 +81,32 @@ def set_branch(repo: Path, branch: str, commit: str) -> None:
 
 
 def worktree(repo: Path, name: str, commit: str) -> Path:
-    """A clean detached checkout of ``commit`` at ``LAB/.nightlab/worktrees/<name>``."""
+    """A clean detached checkout of ``commit`` at ``LAB/.nightlab/worktrees/<name>``.
+
+    The worktree is nightlab's own: one that git refuses to check out (a stale ``index.lock`` left
+    by a killed git, broken metadata) is removed and made again."""
     path = state_dir(repo) / "worktrees" / name
-    if not (path / ".git").exists():
-        git(repo, "worktree", "prune")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        git(repo, "worktree", "add", "--force", "--detach", str(path), commit)
-    else:
-        git(path, "checkout", "--force", "--quiet", "--detach", commit)
+    if (path / ".git").exists():
+        try:
+            git(path, "checkout", "--force", "--quiet", "--detach", commit)
+            git(path, "clean", "-fdxq")
+            return path
+        except GitError:
+            _remove_worktree(repo, path)
+    git(repo, "worktree", "prune")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    git(repo, "worktree", "add", "--force", "--detach", str(path), commit)
     git(path, "clean", "-fdxq")
     return path
+
+
+def _remove_worktree(repo: Path, path: Path) -> None:
+    try:
+        git(repo, "worktree", "remove", "--force", "--force", str(path))
+    except GitError:
+        pass  # its folder goes below, and prune forgets it
+    shutil.rmtree(path, ignore_errors=True)
+    git(repo, "worktree", "prune")
 
 
 def changed_files(work: Path) -> list[str]:

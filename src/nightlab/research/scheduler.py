@@ -158,7 +158,9 @@ class Scheduler:
                     researcher = self._free_researcher()
                     if researcher is None:
                         break
+                    before = self.tally.rows
                     self._ask(researcher)
+                    counted += self.tally.rows - before  # a proposal that could not be asked for is a row
                 running = len(self.workers) - len(self.idle)
                 startable = any(self._may_start(item) for item in self.ready)
                 if not running and not self.asked and (stop.is_set() or not startable) and not more():
@@ -284,8 +286,15 @@ class Scheduler:
         self._tell(researcher)
         claim = self.board.claim(researcher.name)
         parent = lab.best_commit()
-        work = lab.git.worktree(lab.dir, f"propose-{researcher.name}", parent)
-        ctx = context(lab, program=researcher.brief, agent=researcher.name, claim=claim)
+        try:
+            work = lab.git.worktree(lab.dir, f"propose-{researcher.name}", parent)
+            ctx = context(lab, program=researcher.brief, agent=researcher.name, claim=claim)
+        except Exception as e:  # noqa: BLE001 -- e.g. git refuses the checkout: this proposal fails, not the night
+            self.tally.proposals += 1
+            self.tally.rows += 1
+            reason = f"nightlab error: could not prepare a proposal: {type(e).__name__}: {e}"
+            self._finished(invalid_proposal(lab, parent, researcher.name, reason, claim=claim))
+            return
         if researcher.edits:
             ctx = dataclasses.replace(ctx, allowed_files=researcher.edits)
         researcher.busy = True
