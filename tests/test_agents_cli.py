@@ -136,3 +136,30 @@ def test_factory_refuses_a_missing_program(tmp_path: Path) -> None:
         agents.create("cli", config, tmp_path)
     config = Config().with_overrides([f"cli.command={sys.executable} {AGENT} describe {tmp_path / 'e.json'}"])
     assert agents.create("cli", config, tmp_path).name == "cli"
+
+
+@pytest.mark.parametrize("loop", ["plain", "scheduler"])
+def test_an_agent_still_thinking_when_the_loop_stops_is_stopped_with_it(tmp_path: Path, loop: str) -> None:
+    import threading
+
+    from fixtures.standin.helpers import lab_toml, make_dataset, make_lab, open_lab
+    from nightlab.research.executors import local_workers
+    from nightlab.research.loop import run_loop
+    from nightlab.research.scheduler import Researcher, Scheduler
+
+    lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0))
+    lab = open_lab(lab_dir, make_dataset(tmp_path / "data"))
+    marker = tmp_path / "agent.pid"
+    agent = CliProposer(CliAgentConfig(preset="custom", command=f"sh -c 'echo $$ > {marker}; sleep 60'", timeout_s=60))
+    stop = threading.Event()
+    threading.Thread(target=lambda: (_wait_for(marker), stop.set()), daemon=True).start()  # Ctrl-C while it thinks
+    if loop == "plain":
+        run_loop(lab, agent, stop=stop)
+    else:
+        Scheduler(lab, [Researcher("a", agent)], local_workers(["cpu"])).run(stop=stop)
+    assert not _alive(int(marker.read_text()))
+
+
+def _wait_for(path: Path) -> None:
+    while not path.exists() or not path.read_text().strip():
+        time.sleep(0.05)

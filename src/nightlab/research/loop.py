@@ -108,6 +108,15 @@ def run_loop(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: f
     finally:
         if lab.standby is not None:
             lab.standby.close()
+        close_agent(proposer)
+
+
+def close_agent(proposer: Proposer) -> None:
+    """Stop what ``proposer`` still runs (a CLI agent's process group) once the loop is over: the
+    thread that waits for it dies with the interpreter, and the agent would edit on unwatched."""
+    close = getattr(proposer, "close", None)
+    if close is not None:
+        close()
 
 
 def _loop(lab: Lab, proposer: Proposer, max_experiments: int, hours: float, stop: threading.Event) -> list[Experiment]:

@@ -41,6 +41,7 @@ from nightlab.research.experiment import (
     invalid_proposal, next_trial, observe, record_trial, recover, runs_processes, start_trial,
 )
 from nightlab.research import sandbox, standby
+from nightlab.research.loop import close_agent
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult, stop_group
 from nightlab.research.store import Experiment, now
@@ -192,6 +193,8 @@ class Scheduler:
             for worker in self.workers:
                 if worker.standby is not None:
                     worker.standby.close()
+            for researcher in self.researchers:  # a proposal still out is dropped: its agent stops too
+                close_agent(researcher.proposer)
         pool.shutdown(wait=True)
         self.tally.wall_s = time.monotonic() - started
         self.tally.orchestrator_s = self.tally.wall_s - waited

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,8 @@ class CliProposer:
         self.config = config
         self.kill_grace_s = kill_grace_s  # between SIGTERM and SIGKILL at the timeout
         self.template = command_template(config)
+        self._running: set[int] = set()  # process groups of the agent commands under way
+        self._lock = threading.Lock()
         program = shlex.split(self.template)[0] if shlex.split(self.template) else ""
         if not program or shutil.which(program) is None:
             raise ConfigError(
@@ -155,6 +158,13 @@ class CliProposer:
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
         """The outcome reaches the agent through the history in the next context."""
 
+    def close(self) -> None:
+        """Kill the agent command under way, with its process group (the loop is over: its proposal
+        would be dropped, and it runs in a session of its own that no Ctrl-C reaches)."""
+        with self._lock:
+            for pid in self._running:
+                _signal_group(pid, signal.SIGKILL)
+
     def _run(self, argv: list[str], cwd: Path, stdin_file: Path | None, tmpdir: Path) -> Outcome:
         out_path, err_path = tmpdir / "stdout.txt", tmpdir / "stderr.txt"
         with (
@@ -166,6 +176,8 @@ class CliProposer:
                 process = subprocess.Popen(argv, cwd=cwd, stdin=stdin, stdout=out, stderr=err, start_new_session=True)
             except OSError as e:
                 raise ProposalError(f"could not start {argv[0]}: {e}") from None
+            with self._lock:
+                self._running.add(process.pid)
             try:
                 returncode: int | None = process.wait(timeout=self.config.timeout_s)
             except subprocess.TimeoutExpired:
@@ -175,7 +187,10 @@ class CliProposer:
                     process.wait(timeout=self.kill_grace_s)
                 except subprocess.TimeoutExpired:
                     pass
-            _signal_group(process.pid, signal.SIGKILL)  # whatever it left running in its group
+            finally:
+                with self._lock:  # forgotten before it is reaped: its pid cannot name another group yet
+                    self._running.discard(process.pid)
+                    _signal_group(process.pid, signal.SIGKILL)  # whatever it left running in its group
             process.wait()
         return Outcome(returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"))
 
