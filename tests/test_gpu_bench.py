@@ -88,7 +88,7 @@ def fake_gpus(tmp_path: Path, count: int) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/bin/sh\n" + "".join(f"echo 'NVIDIA H100 80GB HBM3'\n" for _ in range(count)))
+    smi.write_text("#!/bin/sh\n" + "echo 'NVIDIA H100 80GB HBM3'\n" * count)
     smi.chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
