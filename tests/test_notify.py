@@ -127,5 +127,5 @@ def test_config_section_is_checked() -> None:
     assert config.notify == NotifyConfig("https://ntfy.sh/x", ("end",), "auto")
     from nightlab.config import ConfigError
 
-    with pytest.raises(ConfigError, match="notify.on has \\['weekly'\\]"):
+    with pytest.raises(ConfigError, match="notify.on must be a list of best, end, got \\[.weekly.\\]"):
         Config().with_overrides(['notify.on=["weekly"]'])
