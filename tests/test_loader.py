@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -139,3 +140,14 @@ def test_too_small_a_split_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_files_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nightlab prepare"):
         TrainLoader(tmp_path, batch_size=1, seq_len=8)
+
+
+def test_closing_the_batches_stops_the_packing_thread(varied) -> None:
+    # A thread still packing (inside torch) while the interpreter exits can abort a finished trial.
+    before = set(threading.enumerate())
+    batches = iter(TrainLoader(varied[0], batch_size=2, seq_len=63, seed=0))
+    next(batches)
+    packers = [t for t in set(threading.enumerate()) - before if t.name == "nightlab-train-loader"]
+    assert len(packers) == 1 and packers[0].is_alive()
+    batches.close()
+    assert not packers[0].is_alive()

@@ -160,4 +160,7 @@ class TrainLoader:
                     targets = targets.to(self.device, non_blocking=cuda)
                 yield inputs, targets, epoch
         finally:
+            # Wait for the packer to stop (it checks every 0.1 s): a thread still inside torch while
+            # the interpreter exits can abort the process after train.py has finished its work.
             stop.set()
+            worker.join(timeout=10)
