@@ -11,10 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
 from nightlab.paths import state_dir
+
+if TYPE_CHECKING:
+    from nightlab.research.store import Experiment
 
 RESULTS_FILE = "results.tsv"
 LOCK_FILE = "lock"  # in the lab's state folder: held by the one command working on the lab
@@ -257,13 +261,24 @@ def _restore_signals(previous) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    lab_dir, config, data_dir = _setup(args)
+    with _holding(lab_dir):  # before looking at the lab: a run in progress may be editing it
+        exp = _experiment(args, lab_dir, config, data_dir)
+    shown = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "-"
+    print("---")
+    print(f"experiment: {exp.id}\nstatus: {exp.status}\nval_bpb: {shown}\nreason: {exp.reason}")
+    if exp.error and exp.status in ("crash", "timeout"):
+        print(exp.error.rstrip())
+    return 0 if exp.status == "keep" else 1
+
+
+def _experiment(args: argparse.Namespace, lab_dir: Path, config: cfg.Config, data_dir: Path) -> Experiment:
     from nightlab.cli import UserError
     from nightlab.research import git
     from nightlab.research.agents.base import Proposal
     from nightlab.research.experiment import BaselineError, admit, execute, measure_baseline, recover
     from nightlab.research.store import Store
 
-    lab_dir, config, data_dir = _setup(args)
     branch = git.current_branch(lab_dir)
     if not branch:
         raise UserError(f"{lab_dir} is on a detached HEAD; check out a branch (e.g. git switch -c nightlab/mytag)")
@@ -271,7 +286,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError(f"no edits to test in {lab_dir}: change {', '.join(config.lab.allowed_files)} first")
     tag = args.tag or (branch.removeprefix("nightlab/") if branch.startswith("nightlab/") else branch)
     parent = git.resolve(lab_dir, "HEAD") or ""
-    with _holding(lab_dir), Store.open(lab_dir) as store:
+    with Store.open(lab_dir) as store:
         run = store.run(tag)
         if run is None:
             run = store.add_run(tag, branch, parent, "manual", cfg.dumps(config))
@@ -294,12 +309,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             if exp.status != "keep" and git.resolve(lab_dir, "HEAD") == exp.commit_sha:
                 git.git(lab_dir, "reset", "--quiet", "--hard", parent)
         store.export_tsv(state_dir(lab_dir) / RESULTS_FILE, run.tag)
-    shown = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "-"
-    print("---")
-    print(f"experiment: {exp.id}\nstatus: {exp.status}\nval_bpb: {shown}\nreason: {exp.reason}")
-    if exp.error and exp.status in ("crash", "timeout"):
-        print(exp.error.rstrip())
-    return 0 if exp.status == "keep" else 1
+    return exp
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
