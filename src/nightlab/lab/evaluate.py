@@ -392,9 +392,9 @@ def _probe(model: torch.nn.Module, probe: Probe, vocab_size: int, device: str) -
             )
 
 
-def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """First position (row of ``[T, V]``) where a and b differ beyond the probe tolerance."""
-    allowed = _add(_mul(_abs(a), PROBE_TOLERANCE), PROBE_TOLERANCE)
+def _first_mismatch(a: torch.Tensor, b: torch.Tensor, tolerance: float = PROBE_TOLERANCE) -> int | None:
+    """First position (row of ``[T, V]``) where a and b differ beyond ``tolerance`` (absolute plus relative)."""
+    allowed = _add(_mul(_abs(a), tolerance), tolerance)
     bad_rows = _any(_gt(_abs(_sub(a, b)), allowed), -1)
     rows = _nonzero(bad_rows)
     return int(_tensor_item(rows[0, 0])) if len(rows) else None
@@ -497,12 +497,11 @@ def verify_scoring(model: torch.nn.Module, plan: ScoringPlan, scored: list[torch
             inputs[row, t + 1 :] = torch.from_numpy(val.tokens[begin : begin + n].astype(np.int32))
         again = _batch_nats(model, inputs, batch.targets, val.vocab_size, device)
         for row, t in enumerate(cuts):
-            before, after = scored[int(i)][row, : t + 1], again[row, : t + 1]
-            allowed = _add(_mul(_abs(before), VERIFY_TOLERANCE), VERIFY_TOLERANCE)
-            bad = _nonzero(_gt(_abs(_sub(before, after)), allowed))
-            if len(bad):
+            pos = _first_mismatch(_unsqueeze(scored[int(i)][row, : t + 1], -1), _unsqueeze(again[row, : t + 1], -1),
+                                  VERIFY_TOLERANCE)
+            if pos is not None:
                 raise InvalidModel(
-                    f"scoring leak: the loss at position {int(_tensor_item(bad[0, 0]))} of a scored window changed "
+                    f"scoring leak: the loss at position {pos} of a scored window changed "
                     f"when only the tokens after position {t} changed; position p may only see tokens 0..p"
                 )
 
