@@ -52,7 +52,7 @@ def loss_and_grads(train, seed: int = 0):
 
 
 def test_there_are_leads_to_check() -> None:
-    assert {p.name for p in LEADS} >= {"regional_compile.patch", "regional_compile_inputs.patch", "short_windows.patch"}
+    assert {p.name for p in LEADS} >= {"regional_compile.patch", "regional_compile_inputs.patch", "nested_compile_region.patch"}
 
 
 @pytest.mark.parametrize("lead", [p.name for p in LEADS])
@@ -72,18 +72,3 @@ def test_compiling_by_regions_computes_exactly_what_the_template_does(lead: str,
     loss_t, grads_t = loss_and_grads(template)
     assert torch.equal(loss, loss_t)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_t))
-
-
-def test_short_windows_see_only_their_band(prepared_tiny: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    train = load(patched(tmp_path, "short_windows.patch"), prepared_tiny, tmp_path, monkeypatch, "windows")
-    q, k, v = (torch.randn(1, 2, 96, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    i = torch.arange(96)
-    for window in (1, 16, 40):
-        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-        scores = (q @ k.mT) / 16**0.5
-        expected = scores.masked_fill(~band, float("-inf")).softmax(-1) @ v
-        torch.testing.assert_close(train.sliding_window(q, k, v, window), expected)
-    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(train.sliding_window(q, k, v, 96), full)
-    assert train.window_of(train.DEPTH - 1) == 0  # the last layer always sees the whole row

@@ -241,7 +241,7 @@ def test_template_without_the_causal_mask_is_invalid(
     tmp_path: Path, data: Path, weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = TEMPLATE_TRAIN.read_text()
-    assert source.count("is_causal=True") == 1
+    assert source.count("is_causal=True") >= 1  # the full-window layer, and short windows longer than a row
     leaky = tmp_path / "lab" / "train.py"
     leaky.parent.mkdir()
     leaky.write_text(source.replace("is_causal=True", "is_causal=False"))

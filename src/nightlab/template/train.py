@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from nightlab.lab import session
 
@@ -37,7 +38,7 @@ EMBEDDING_LR = 0.6  # AdamW, token and value embeddings
 UNEMBEDDING_LR = 0.004  # AdamW, output head
 SCALAR_LR = 0.5  # AdamW, per-layer mixing scalars
 MATRIX_LR = 0.04  # Muon, every 2-D matrix inside the blocks
-WEIGHT_DECAY = 0.2  # Muon weight decay, decayed to zero with progress
+WEIGHT_DECAY = 0.4  # Muon weight decay, decayed to zero with progress
 ADAM_BETA1 = 0.8  # AdamW first-moment decay
 ADAM_BETA2 = 0.95  # AdamW second-moment decay
 MUON_MOMENTUM = 0.95  # Muon momentum after its warmup
@@ -46,8 +47,11 @@ MUON_MOMENTUM_WARMUP_STEPS = 300  # steps to ramp the momentum
 WARMUP_RATIO = 0.0  # share of the budget spent ramping the learning rate up
 WARMDOWN_RATIO = 0.7  # share of the budget spent ramping the learning rate down
 FINAL_LR_FRAC = 0.05  # learning rate at the end, as a share of the peak
+VALUE_EMBED_WEIGHT_DECAY = 0.003  # AdamW decay on the value embeddings (token tables that memorize)
 X0_INIT = 0.1  # initial weight of the embedding skip into every layer
 COMPILE = True  # torch.compile the model and optimizer on CUDA
+WINDOW_PATTERN = "S"  # attention span per layer, repeated: L = the whole row, S = SHORT_WINDOW tokens
+SHORT_WINDOW = 128  # tokens a short-window layer looks back (itself included); the last layer is always L
 
 # The CPU preset: a tiny model that learns something in a minute on two cores.
 CPU_DEPTH = 2  # layers
@@ -81,6 +85,29 @@ def rotate(x, cos, sin):
     return torch.cat((a * cos + b * sin, b * cos - a * sin), dim=-1)
 
 
+def window_of(layer):
+    """How many tokens back layer `layer` attends (itself included); 0 means the whole row."""
+    if layer == DEPTH - 1 or WINDOW_PATTERN[layer % len(WINDOW_PATTERN)] == "L":
+        return 0
+    return SHORT_WINDOW
+
+
+def sliding_window(q, k, v, window):
+    """Causal attention over the last `window` tokens. Compiled: FlexAttention skips the blocks
+    outside the band. Eager (the evaluator, the CPU preset): SDPA with a boolean band mask."""
+    T = q.size(-2)
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if torch.compiler.is_compiling():
+        def band(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < window)
+        mask = create_block_mask(band, None, None, T, T, device=q.device)
+        return flex_attention(q, k, v, block_mask=mask)
+    i = torch.arange(T, device=q.device)
+    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def has_value_embedding(layer):
     """Value embeddings on every other layer, always including the last."""
     return layer % 2 == (DEPTH - 1) % 2
@@ -95,6 +122,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(N_HEAD * HEAD_DIM, MODEL_DIM, bias=False)
         # Input-dependent gate on the value embedding, one scalar per head.
         self.ve_gate = nn.Linear(32, N_HEAD, bias=False) if has_value_embedding(layer) else None
+        self.window = window_of(layer)
 
     def forward(self, x, ve, cos, sin):
         B, T, _ = x.shape
@@ -105,7 +133,10 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, N_HEAD, HEAD_DIM)
         q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        if self.window:
+            y = sliding_window(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -194,7 +225,9 @@ def build_model():
 def count_flops_per_token(model):
     """Training FLOPs per token: 6 per matrix weight, plus causal attention (half the full square)."""
     matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    attention = 6 * DEPTH * SEQ_LEN * N_HEAD * HEAD_DIM  # 12 * L * T * d, halved for causality
+    spans = [min(window_of(i) or SEQ_LEN, SEQ_LEN) for i in range(DEPTH)]
+    keys = sum(w - w * w / (2 * SEQ_LEN) for w in spans)  # mean keys per query, summed over layers
+    attention = 12 * keys * N_HEAD * HEAD_DIM  # causal full window: keys = SEQ_LEN / 2 a layer
     return 6 * matrix_params + attention
 
 
@@ -280,7 +313,8 @@ def build_optimizers(model):
                 weight_decay=WEIGHT_DECAY)
     adam_groups = [
         dict(params=[model.embed.weight], lr=EMBEDDING_LR * lr_scale),
-        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * lr_scale),
+        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * lr_scale,
+             weight_decay=VALUE_EMBED_WEIGHT_DECAY),
         dict(params=[model.head.weight], lr=UNEMBEDDING_LR * lr_scale),
         dict(params=[model.resid_scales], lr=SCALAR_LR * 0.01),
         dict(params=[model.x0_scales] + gates, lr=SCALAR_LR),
