@@ -163,3 +163,31 @@ def test_demo_runs_a_short_night_and_says_where_the_results_are(tmp_path: Path) 
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     more = [line.split("\t") for line in results.read_text().splitlines()]
     assert len(more) == len(rows) + 1 and more[-1][4].startswith("search: ")  # one more experiment
+
+
+def test_init_with_a_relative_local_dataset_records_where_the_user_meant(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "lab", "--device", "cpu", "--dataset", "local:books"]) == 0
+    # read from inside the lab, "books" must still be tmp_path/books, not lab/books
+    assert cfg.load(tmp_path / "lab").lab.dataset == f"local:{(tmp_path / 'books').resolve()}"
+
+
+def test_train_py_run_from_a_subfolder_of_the_lab_reads_the_lab_settings(tmp_path: Path, monkeypatch) -> None:
+    from nightlab.lab import datasets, session
+
+    lab = tmp_path / "lab"
+    (lab / "notes").mkdir(parents=True)
+    (lab / cfg.CONFIG_FILE).write_text('[lab]\ndataset = "local:data"\nbudget_s = 42.0\ndevice = "cpu"\n')
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    for name in ("NIGHTLAB_DATA", "NIGHTLAB_OUT", "NIGHTLAB_BUDGET_S", "NIGHTLAB_DEVICE", "NIGHTLAB_PRESET",
+                 "NIGHTLAB_SEED"):
+        monkeypatch.delenv(name, raising=False)
+    prepared = datasets.dataset_dir(f"local:{(lab / 'data').resolve()}", 8192)
+    prepared.mkdir(parents=True)
+    (prepared / "manifest.json").write_text(json.dumps({"vocab_size": 8192, "bos_id": 8191, "corpus_hash": "abc"}))
+    monkeypatch.chdir(lab / "notes")
+
+    s = session.connect()
+
+    assert s.budget_s == 42.0 and s.data_dir == prepared and s.corpus_hash == "abc"
+    assert s.out_dir == lab.resolve() / ".nightlab" / "scratch"

@@ -79,3 +79,21 @@ def test_a_bad_file_names_the_file_and_the_key(tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError) as e:
         cfg.load(tmp_path)
     assert "not valid TOML" in str(e.value)
+
+
+def test_a_relative_local_dataset_means_the_folder_it_was_written_in(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = tmp_path / "lab"
+    (lab / "sub").mkdir(parents=True)
+    (lab / cfg.CONFIG_FILE).write_text('[lab]\ndataset = "local:data"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # in nightlab.toml: from the lab, wherever the command runs
+    assert cfg.load(lab).lab.dataset == f"local:{(lab / 'data').resolve()}"
+    # on the command line: from where the user typed it
+    assert cfg.load(lab, ["lab.dataset=local:books"]).lab.dataset == f"local:{(elsewhere / 'books').resolve()}"
+    assert cfg.load(lab, ["lab.dataset=local:/srv/books"]).lab.dataset == "local:/srv/books"
+    assert cfg.load(lab, ["lab.dataset=pycode"]).lab.dataset == "pycode"
+    assert cfg.nearest_lab(lab / "sub") == lab.resolve()
+    assert cfg.nearest_lab(elsewhere) != lab.resolve()

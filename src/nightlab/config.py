@@ -110,7 +110,7 @@ class Config:
             if not sep or not dot:
                 raise ConfigError(f"--set {item!r}: write section.field=value, e.g. lab.budget_s=120")
             tree.setdefault(section, {})[name] = _parse_value(raw.strip())
-        return _merge(self, tree, source="--set")
+        return _anchor_local_dataset(_merge(self, tree, source="--set"), Path.cwd())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,6 +219,12 @@ def validate(config: Config, source: str = "config") -> None:
          "auto, json or ntfy")
 
 
+def nearest_lab(start: Path | str) -> Path | None:
+    """The nearest folder at or above ``start`` that holds nightlab.toml, or None."""
+    here = Path(start).resolve()
+    return next((folder for folder in (here, *here.parents) if (folder / CONFIG_FILE).exists()), None)
+
+
 def load(lab_dir: Path | str, overrides: list[str] | None = None) -> Config:
     """Read ``LAB/nightlab.toml`` (defaults when absent) and apply ``--set`` overrides."""
     path = Path(lab_dir) / CONFIG_FILE
@@ -228,8 +234,19 @@ def load(lab_dir: Path | str, overrides: list[str] | None = None) -> Config:
             tree = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e}); fix the line it names") from None
-        config = _merge(config, tree, source=str(path))
+        config = _anchor_local_dataset(_merge(config, tree, source=str(path)), Path(lab_dir))
     return config.with_overrides(overrides or [])
+
+
+def _anchor_local_dataset(config: Config, base: Path) -> Config:
+    """Make a relative ``local:PATH`` dataset absolute from the folder it was written in: the lab's
+    for nightlab.toml, the cwd for ``--set`` and the shortcut flags. Otherwise a command run from a
+    subfolder of the lab, or a trial in its worktree, would look for the data somewhere else."""
+    kind, _, arg = config.lab.dataset.partition(":")
+    if kind != "local" or not arg or Path(arg).expanduser().is_absolute():
+        return config
+    absolute = (Path(base) / arg).resolve()
+    return dataclasses.replace(config, lab=dataclasses.replace(config.lab, dataset=f"local:{absolute}"))
 
 
 def dumps(config: Config) -> str:

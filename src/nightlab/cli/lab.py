@@ -93,8 +93,7 @@ def settings(args: argparse.Namespace) -> list[str]:
 
 def nearest_lab() -> Path | None:
     """The nearest folder at or above the cwd that holds nightlab.toml."""
-    here = Path.cwd().resolve()
-    return next((folder for folder in (here, *here.parents) if (folder / cfg.CONFIG_FILE).exists()), None)
+    return cfg.nearest_lab(Path.cwd())
 
 
 def find_lab(start: Path | None) -> Path:

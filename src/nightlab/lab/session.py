@@ -117,7 +117,9 @@ def connect(start_dir: Path | str | None = None) -> Session:
         from nightlab import config as cfg
         from nightlab.lab import datasets
 
-        lab_dir = Path(start_dir or Path.cwd())
+        # `python train.py` from anywhere inside the lab reads the lab's settings, not the defaults
+        here = Path(start_dir or Path.cwd())
+        lab_dir = cfg.nearest_lab(here) or here
         conf = cfg.load(lab_dir).lab
         data_dir = datasets.dataset_dir(conf.dataset, conf.vocab_size)
         out_dir = Path(env.get(ENV_OUT) or lab_dir / ".nightlab" / "scratch")
