@@ -191,3 +191,22 @@ def test_train_py_run_from_a_subfolder_of_the_lab_reads_the_lab_settings(tmp_pat
 
     assert s.budget_s == 42.0 and s.data_dir == prepared and s.corpus_hash == "abc"
     assert s.out_dir == lab.resolve() / ".nightlab" / "scratch"
+
+
+def test_prepare_of_another_dataset_inside_a_lab_says_the_lab_still_trains_on_its_own(tmp_path: Path, monkeypatch,
+                                                                                      capsys) -> None:
+    monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path / "home"))
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(40):
+        (books / f"{i}.txt").write_text(f"Book {i}. " + "The cat sat on the mat and read a book. " * 40)
+    assert main(["init", str(tmp_path / "lab"), "--device", "cpu", "--dataset", f"local:{books}",
+                 "--set", "lab.vocab_size=300"]) == 0
+    monkeypatch.chdir(tmp_path / "lab")
+    capsys.readouterr()
+    assert main(["prepare"]) == 0
+    assert "still trains on" not in capsys.readouterr().out
+    assert main(["prepare", "--vocab-size", "320"]) == 0
+    out = capsys.readouterr().out
+    assert f"still trains on local:{books.resolve()} (vocab 300)" in out
+    assert 'vocab_size = 320 under [lab]' in out

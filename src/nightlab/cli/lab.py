@@ -173,10 +173,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.research import pycache
 
     sets = settings(args)  # --dataset, --vocab-size and --num-shards are checked like the lab's settings
+    lab_dir = None
     if args.lab is None and args.dataset and nearest_lab() is None:
         conf = cfg.Config().with_overrides(sets).lab
     else:
-        conf = cfg.load(find_lab(args.lab), sets).lab
+        lab_dir = find_lab(args.lab)
+        conf = cfg.load(lab_dir, sets).lab
     spec, vocab, shards = conf.dataset, conf.vocab_size, conf.num_shards
     t0 = time.time()
     filling = pycache.fill()  # alongside the dataset, so the first trial already imports from it
@@ -194,6 +196,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
               flush=True)
         filling.wait()
         print(f"bytecode cache ready in {time.time() - t0:.0f}s at {pycache.folder()}")
+    if lab_dir is not None:
+        lab_conf = cfg.load(lab_dir).lab
+        if (lab_conf.dataset, lab_conf.vocab_size) != (spec, vocab):
+            print(f"note: the lab at {lab_dir} still trains on {lab_conf.dataset} (vocab {lab_conf.vocab_size}); to "
+                  f"train on this one, set dataset = \"{spec}\" and vocab_size = {vocab} under [lab] in "
+                  f"{lab_dir / cfg.CONFIG_FILE}")
     return 0
 
 
