@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -262,3 +263,13 @@ def test_unknown_run_and_empty_lab_name_the_fix(night: SimulatedNight, tmp_path:
         data.load_night(night.lab, "nope")
     with pytest.raises(LookupError, match="nightlab run"):
         data.load_night(make_lab(tmp_path / "empty"))
+
+
+def test_a_difference_that_rounds_to_zero_has_no_minus_sign() -> None:
+    from nightlab.report.data import fmt_delta
+    from nightlab.research import history
+
+    assert fmt_delta(-1e-9) == "+0.000000" and fmt_delta(0.0) == "+0.000000"
+    assert fmt_delta(-0.0000126) == "-0.000013" and fmt_delta(0.25) == "+0.250000"
+    same = SimpleNamespace(id=3, status="discard", val_bpb=0.5 - 1e-12, description="same as best", reason="")
+    assert "(+0.000000)" in history.line(same, best_val=0.5)

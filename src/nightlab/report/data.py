@@ -384,7 +384,8 @@ def fmt_val(value: float | None, digits: int = 6) -> str:
 
 
 def fmt_delta(value: float | None) -> str:
-    return "" if value is None else f"{value:+.6f}"
+    """A signed difference; one that rounds to zero reads +0.000000, never -0.000000."""
+    return "" if value is None else f"{round(value, 6) + 0.0:+.6f}"
 
 
 def fmt_seconds(seconds: float | None) -> str:

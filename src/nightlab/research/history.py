@@ -18,7 +18,7 @@ REASON_CHARS = 90
 
 def line(e: Experiment, best_val: float | None) -> str:
     val = f"{e.val_bpb:.6f}" if e.val_bpb is not None else "-".ljust(8)
-    delta = f" ({e.val_bpb - best_val:+.6f})" if e.val_bpb is not None and best_val is not None else ""
+    delta = f" ({round(e.val_bpb - best_val, 6) + 0.0:+.6f})" if e.val_bpb is not None and best_val is not None else ""
     description = _clip(" ".join(e.description.split()), DESCRIPTION_CHARS)
     text = f"#{e.id} {e.status:<7} {val}{delta} {description}"
     if e.status != "keep" and e.reason:
