@@ -171,7 +171,7 @@ def test_prepare_climbmix_with_hf_endpoint(shards, tmp_path: Path, monkeypatch: 
     fetched = {r[1].rsplit("/", 1)[-1] for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]}
     assert fetched == {"shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"}
 
-    prepared = datasets.open_prepared("climbmix", VOCAB, home=home)
+    prepared = datasets.open_prepared("climbmix", VOCAB, 2, home=home)
     m = prepared.manifest
     assert [(s["name"], s["split"]) for s in m["sources"]] == [
         ("shard_00000.parquet", "train"), ("shard_00001.parquet", "train"), ("shard_06542.parquet", "val")]
@@ -191,3 +191,6 @@ def test_prepare_climbmix_with_hf_endpoint(shards, tmp_path: Path, monkeypatch: 
     manifest = json.loads((smaller / "manifest.json").read_text())
     assert manifest["details"]["num_shards"] == 1 and len(manifest["sources"]) == 2
     assert manifest["corpus_hash"] != m["corpus_hash"]
+    # a lab on one shard never rebuilds the data under a lab on two: each count has its own folder
+    assert smaller != prepared.dir
+    assert datasets.open_prepared("climbmix", VOCAB, 2, home=home).manifest == m

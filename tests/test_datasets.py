@@ -168,7 +168,9 @@ def test_dataset_dirs_and_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path))
     assert datasets.dataset_dir("pycode", 8192) == tmp_path / "datasets" / "pycode-v8192"
     assert datasets.dataset_dir("pycode:stdlib", 8192).name == "pycode-stdlib-v8192"
-    assert datasets.dataset_dir("climbmix", 4096).name == "climbmix-v4096"
+    assert datasets.dataset_dir("climbmix", 4096).name == "climbmix-s8-v4096"
+    assert datasets.dataset_dir("climbmix", 4096, 2).name == "climbmix-s2-v4096"
+    assert datasets.dataset_dir("pycode", 8192, 2) == datasets.dataset_dir("pycode", 8192)  # shards are ClimbMix's
     local = datasets.dataset_dir(f"local:{tmp_path}/My Data", 8192).name
     assert local.startswith("local-My-Data-") and local.endswith("-v8192") and len(local.split("-")[3]) == 8
     assert datasets.dataset_dir(f"local:{tmp_path}/a/x", 512) != datasets.dataset_dir(f"local:{tmp_path}/b/x", 512)

@@ -186,7 +186,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         data_dir = datasets.prepare(spec, vocab_size=vocab, num_shards=shards)
     except datasets.DatasetError as e:
         raise UserError(str(e)) from None
-    prepared = datasets.open_prepared(spec, vocab)
+    prepared = datasets.open_prepared(spec, vocab, shards)
     m = prepared.manifest
     print(f"dataset {spec}: corpus {prepared.corpus_hash}, vocab {vocab}, "
           f"{m.get('train_tokens', '?'):,} train / {m.get('val_tokens', '?'):,} val tokens, "
@@ -198,10 +198,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"bytecode cache ready in {time.time() - t0:.0f}s at {pycache.folder()}")
     if lab_dir is not None:
         lab_conf = cfg.load(lab_dir).lab
-        if (lab_conf.dataset, lab_conf.vocab_size) != (spec, vocab):
+        if datasets.dataset_dir(lab_conf.dataset, lab_conf.vocab_size, lab_conf.num_shards) != data_dir:
+            shards = f" and num_shards = {shards}" if datasets.parse_spec(spec).kind == "climbmix" else ""
             print(f"note: the lab at {lab_dir} still trains on {lab_conf.dataset} (vocab {lab_conf.vocab_size}); to "
-                  f"train on this one, set dataset = \"{spec}\" and vocab_size = {vocab} under [lab] in "
-                  f"{lab_dir / cfg.CONFIG_FILE}")
+                  f"train on this one, set dataset = \"{spec}\"{', ' if shards else ' and '}vocab_size = {vocab}"
+                  f"{shards} under [lab] in {lab_dir / cfg.CONFIG_FILE}")
     return 0
 
 
@@ -213,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lab_dir = find_lab(args.lab)
     conf = cfg.load(lab_dir, settings(args))
     try:
-        prepared = datasets.open_prepared(conf.lab.dataset, conf.lab.vocab_size)
+        prepared = datasets.open_prepared(conf.lab.dataset, conf.lab.vocab_size, conf.lab.num_shards)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     seed = conf.lab.seed  # --seed is one of the settings, checked with the others

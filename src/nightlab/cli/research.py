@@ -155,7 +155,7 @@ def _prepared_dir(config: cfg.Config) -> Path:
     from nightlab.lab import datasets
 
     try:
-        return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size).dir)
+        return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size, config.lab.num_shards).dir)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
 

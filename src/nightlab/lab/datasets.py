@@ -58,9 +58,11 @@ class DatasetSpec:
     scope: str = ""  # pycode: all | stdlib
     path: Path | None = None  # local: the folder, resolved
 
-    @property
-    def slug(self) -> str:
-        """The folder name without the vocabulary size."""
+    def slug(self, num_shards: int = 8) -> str:
+        """The folder name without the vocabulary size. ClimbMix's names its shard count, so labs
+        that train on different counts never rebuild each other's data."""
+        if self.kind == "climbmix":
+            return f"climbmix-s{num_shards}"
         if self.kind == "pycode":
             return "pycode" if self.scope == "all" else f"pycode-{self.scope}"
         if self.kind == "local":
@@ -81,10 +83,11 @@ def parse_spec(spec: str) -> DatasetSpec:
     raise DatasetError(f"unknown dataset {spec!r}: use {SPECS}")
 
 
-def dataset_dir(spec: str, vocab_size: int, *, home: Path | None = None) -> Path:
-    """``<home>/datasets/<slug>-v<vocab_size>``; the home defaults to ``$NIGHTLAB_HOME`` or ``~/.cache/nightlab``."""
+def dataset_dir(spec: str, vocab_size: int, num_shards: int = 8, *, home: Path | None = None) -> Path:
+    """``<home>/datasets/<slug>-v<vocab_size>``; the home defaults to ``$NIGHTLAB_HOME`` or ``~/.cache/nightlab``.
+    ``num_shards`` counts for ClimbMix only."""
     base = Path(home) / "datasets" if home is not None else paths.datasets_home()
-    return base / f"{parse_spec(spec).slug}-v{vocab_size}"
+    return base / f"{parse_spec(spec).slug(num_shards)}-v{vocab_size}"
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,14 @@ class Prepared:
     vocab_size: int
 
 
-def open_prepared(spec: str, vocab_size: int, *, home: Path | None = None) -> Prepared:
+def open_prepared(spec: str, vocab_size: int, num_shards: int = 8, *, home: Path | None = None) -> Prepared:
     """The prepared dataset for ``spec`` and ``vocab_size``; fails with the command that prepares it."""
-    directory = dataset_dir(spec, vocab_size, home=home)
+    directory = dataset_dir(spec, vocab_size, num_shards, home=home)
     path = directory / MANIFEST_FILE
     if not path.is_file():
+        shards = f" --num-shards {num_shards}" if parse_spec(spec).kind == "climbmix" else ""
         raise DatasetNotPrepared(f"dataset {spec} (vocab {vocab_size}) is not prepared in {directory}: run "
-                                 f"`nightlab prepare --dataset {spec} --vocab-size {vocab_size}` first")
+                                 f"`nightlab prepare --dataset {spec} --vocab-size {vocab_size}{shards}` first")
     manifest = json.loads(path.read_text())
     return Prepared(dir=directory, manifest=manifest, corpus_hash=manifest["corpus_hash"],
                     bos_id=int(manifest["bos_id"]), vocab_size=int(manifest["vocab_size"]))
@@ -116,14 +120,10 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
     ``tokenizer_chars`` bounds the train-split text the tokenizer learns from.
     """
     parsed = parse_spec(spec)
-    directory = dataset_dir(spec, vocab_size, home=home)
+    directory = dataset_dir(spec, vocab_size, num_shards, home=home)
     home_dir = Path(home) if home is not None else paths.cache_home()
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory, progress):
-        if parsed.kind == "climbmix" and _prepared_shards(directory) not in (None, num_shards):
-            _say(progress, f"{directory.name} was prepared from {_prepared_shards(directory)} shards; "
-                           f"rebuilding it from {num_shards}")
-            _clear(directory)
         _steps(parsed, spec, directory, home_dir, vocab_size, num_shards, tokenizer_chars, progress)
     return directory
 
@@ -141,17 +141,6 @@ def _locked(directory: Path, progress: bool):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _clear(directory: Path) -> None:
-    """Delete everything in the folder but its lock, which waiting prepares hold open."""
-    for path in directory.iterdir():
-        if path.name == LOCK_FILE:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 def _steps(parsed: DatasetSpec, spec: str, directory: Path, home_dir: Path, vocab_size: int, num_shards: int,
@@ -176,11 +165,6 @@ def _remove(directory: Path, names: list[str]) -> None:
     """Delete outputs of later steps, which an earlier step's new output makes stale."""
     for name in names:
         (directory / name).unlink(missing_ok=True)
-
-
-def _prepared_shards(directory: Path) -> int | None:
-    path = directory / TEXT_DIR / INDEX_FILE
-    return TextIndex.load(path.parent).details.get("num_shards") if path.is_file() else None
 
 
 def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, progress: bool) -> TextIndex:
