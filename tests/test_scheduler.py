@@ -310,6 +310,46 @@ def test_a_proposal_that_cannot_be_prepared_is_invalid_and_the_night_goes_on(tmp
     assert [(e.description, e.status) for e in rows if e.agent == "b"] == [("lower lr", "keep")]
 
 
+def test_a_proposal_that_cannot_be_admitted_is_an_invalid_row_and_the_night_goes_on(tmp_path, monkeypatch):
+    from nightlab.research import scheduler
+
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    real_admit, calls = scheduler.admit, []
+
+    def admit_failing_once(*args, **kwargs):
+        calls.append(args[3].description)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_admit(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "admit", admit_failing_once)
+    steps = [constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02)]
+    Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], _workers(lab, 1)).run(max_experiments=2)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert [(e.description, e.status) for e in rows][0] == ("deeper", "invalid")
+    assert "could not admit the proposal: OSError" in rows[0].reason
+    assert len(rows) == 2 and rows[1].description == "lower lr" and rows[1].status != "invalid"
+
+
+def test_an_agent_that_keeps_failing_is_asked_again_later_and_later(tmp_path):
+    from nightlab.research.experiment import measure_baseline
+
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    measure_baseline(lab)
+
+    class BrokenProposer(ScriptedProposer):
+        def propose(self, context, work):
+            raise FileNotFoundError("no such agent command: claude")
+
+    steps = [constant_step("deeper", "DEPTH", 12)]
+    Scheduler(lab, [Researcher("a", BrokenProposer(steps))], _workers(lab, 1)).run(max_experiments=3)
+    rows = [e for e in lab.experiments() if e.kind == "experiment"]
+    assert [e.status for e in rows] == ["invalid"] * 3 and "no such agent command" in rows[0].reason
+    created = [datetime.fromisoformat(e.created_at) for e in rows]
+    assert (created[1] - created[0]).total_seconds() < 1.5  # one failure is asked again at once
+    assert (created[2] - created[1]).total_seconds() >= 1.9  # the second waits 2 s
+
+
 @pytest.mark.slow
 def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(tmp_path, data_dir):
     slow = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.0)

@@ -41,7 +41,7 @@ from nightlab.research.experiment import (
     invalid_proposal, next_trial, observe, record_trial, recover, runs_processes, start_trial,
 )
 from nightlab.research import sandbox, standby
-from nightlab.research.loop import close_agent
+from nightlab.research.loop import MAX_BACKOFF_S, close_agent
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult, stop_group
 from nightlab.research.store import Experiment, now
@@ -58,6 +58,8 @@ class Researcher:
     busy: bool = False
     outcomes: list[tuple[Proposal, Experiment]] = field(default_factory=list)  # to observe before proposing
     inbox: queue.Queue | None = None  # proposals to make, served by this researcher's own thread
+    failures: int = 0  # agent failures in a row
+    rest_until: float = 0.0  # time.monotonic() before which it is not asked again (after failures)
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,7 @@ class Scheduler:
     def _free_researcher(self) -> Researcher | None:
         for i in range(len(self.researchers)):
             r = self.researchers[(self._next_researcher + i) % len(self.researchers)]
-            if not r.busy:
+            if not r.busy and r.rest_until <= time.monotonic():
                 self._next_researcher = (self._next_researcher + i + 1) % len(self.researchers)
                 return r
         return None
@@ -328,17 +330,30 @@ class Scheduler:
                                  tokens_out=outcome.tokens_out)
             reason = f"agent {researcher.name} failed: " + (
                 str(outcome) if isinstance(outcome, ProposalError) else f"{type(outcome).__name__}: {outcome}")
+            # An agent that keeps failing (a missing binary, an API that is down) is asked again
+            # after 2, 4, 8 ... seconds up to a minute, not at once, so it cannot fill the night with invalid rows.
+            researcher.failures += 1
+            if researcher.failures > 1:
+                researcher.rest_until = time.monotonic() + min(MAX_BACKOFF_S, 2.0 ** (researcher.failures - 1))
             self.tally.rows += 1
             self._finished(invalid_proposal(lab, parent, researcher.name, reason, spent, claim=claim))
             return
-        best = lab.best_commit()
-        if parent != best and not lab.git.move_changes(work, best):
-            lab.say(f"{researcher.name}: the proposal conflicts with the new best; asking again")
-            self.board.release(researcher.name)
-            self.tally.proposals -= 1  # asked again: not a proposal of its own
+        researcher.failures = 0
+        try:
+            best = lab.best_commit()
+            if parent != best and not lab.git.move_changes(work, best):
+                lab.say(f"{researcher.name}: the proposal conflicts with the new best; asking again")
+                self.board.release(researcher.name)
+                self.tally.proposals -= 1  # asked again: not a proposal of its own
+                return
+            exp = admit(lab, work, best, outcome, researcher.name, claim=claim,
+                        **({"allowed": researcher.edits} if researcher.edits else {}))
+        except Exception as e:  # noqa: BLE001 -- e.g. git cannot commit it: this proposal fails, not the night
+            self.tally.rows += 1
+            reason = f"nightlab error: could not admit the proposal: {type(e).__name__}: {e}"
+            spent = outcome if isinstance(outcome, Proposal) else None
+            self._finished(invalid_proposal(lab, parent, researcher.name, reason, spent, claim=claim))
             return
-        exp = admit(lab, work, best, outcome, researcher.name, claim=claim,
-                    **({"allowed": researcher.edits} if researcher.edits else {}))
         self.tally.rows += 1
         self.authors[exp.id] = (researcher, outcome)
         if exp.commit_sha and not exp.finished:
