@@ -195,6 +195,17 @@ def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
     with Store.open(lab_dir) as store:
         assert [m.kind for m in store.measurements(flatter.id, kinds=("first", "replay"))] == ["first", "replay"]
 
+    # Today's nightlab.toml has a longer budget: the replay still trains with the budget it was measured with.
+    toml = lab_dir / "nightlab.toml"
+    toml.write_text(toml.read_text().replace("budget_s = 0.5", "budget_s = 0.75"))
+    assert main(["replay", str(flatter.id), *args]) == 0
+    out = capsys.readouterr().out
+    assert "replays with run 'manual''s settings; today's nightlab.toml differs in lab.budget_s" in out
+    replay_log = lab_dir / ".nightlab" / "runs" / str(flatter.id) / "replay-2" / "train.log"
+    assert "budget 0.5 s" in replay_log.read_text()
+    assert main(["replay", str(flatter.id), "--set", "lab.budget_s=0.75", *args]) == 0  # unless told otherwise
+    assert "budget 0.75 s" in (replay_log.parent.parent / "replay-3" / "train.log").read_text()
+
 
 def test_a_second_command_on_a_lab_with_a_run_in_progress_is_refused(tmp_path, data_dir, capsys):
     """A second `nightlab run --resume` would take the live run's experiment for a killed run's and stop its trial."""

@@ -238,6 +238,21 @@ def load(lab_dir: Path | str, overrides: list[str] | None = None) -> Config:
     return config.with_overrides(overrides or [])
 
 
+def loads(text: str, overrides: list[str] | None = None, source: str = "recorded settings") -> Config:
+    """Settings from TOML text (as ``dumps`` writes them and each run records), then ``--set`` overrides."""
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    return _merge(Config(), tree, source=source).with_overrides(overrides or [])
+
+
+def differences(a: Config, b: Config, section: str = "lab") -> list[str]:
+    """``section.key`` of every setting in ``section`` where ``a`` and ``b`` differ."""
+    left, right = getattr(a, section), getattr(b, section)
+    return [f"{section}.{f.name}" for f in fields(left) if getattr(left, f.name) != getattr(right, f.name)]
+
+
 def _anchor_local_dataset(config: Config, base: Path) -> Config:
     """Make a relative ``local:PATH`` dataset absolute from the folder it was written in: the lab's
     for nightlab.toml, the cwd for ``--set`` and the shortcut flags. Otherwise a command run from a

@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay",
         help="train and evaluate any recorded experiment again (kept or not) with a fresh seed",
-        description="Checks out refs/nightlab/exp/ID, trains and evaluates it, and records the measurement "
+        description="Checks out refs/nightlab/exp/ID, trains and evaluates it with the settings its run "
+        "recorded (budget, dataset, evaluation; --set overrides them), and records the measurement "
         "(kind replay; the policy does not count it).",
     )
     p.add_argument("id", type=int, help="experiment id (see results.tsv or `nightlab report`)")
@@ -327,6 +328,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         commit = git.resolve(lab_dir, git.experiment_ref(exp.id))
         if commit is None or exp.commit_sha is None:
             raise UserError(f"experiment {exp.id} has no commit to replay (it was {exp.status}: {exp.reason})")
+        run = store.run(exp.run_tag)
+        if run is not None and run.config:
+            # Measured as it was: the budget, dataset and evaluation the experiment's run recorded,
+            # not today's nightlab.toml (--set still applies on top).
+            recorded = cfg.loads(run.config, args.set, source=f"the settings of run {exp.run_tag!r}")
+            changed = cfg.differences(recorded, config)
+            if changed:
+                say(f"#{exp.id} replays with run {exp.run_tag!r}'s settings; today's nightlab.toml differs in "
+                    f"{', '.join(changed)}")
+            config = recorded
+            data_dir = args.data.resolve() if args.data else _prepared_dir(config)
         previous = store.measurements(exp.id, kinds=("first", "baseline", "confirm", "replay"))
         seed = args.seed if args.seed is not None else max([m.seed for m in previous] + [config.lab.seed]) + 1
         run_dir = state_dir(lab_dir) / "runs" / str(exp.id) / f"replay-{seed}"
