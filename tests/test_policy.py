@@ -82,3 +82,10 @@ def test_a_true_improvement_of_three_noise_widths_is_kept():
 def test_judge_needs_measurements():
     with pytest.raises(ValueError, match="baseline"):
         judge([1.0], [], 0.001, RunConfig())
+
+
+def test_a_gain_that_rounds_to_zero_is_written_without_a_minus_sign() -> None:
+    rules = RunConfig(policy="noise", confirm_runs=1)
+    verdict = judge([2.315695, 2.315695], [2.315259, 2.315259], 0.03325, rules)
+    assert verdict.decision == "discard"
+    assert "gain -0.000436 = +0.0 standard errors" in verdict.reason, verdict.reason

@@ -92,7 +92,8 @@ def judge(
     stderr = noise * math.sqrt(1 / len(candidate) + 1 / len(best))
     z = gain / stderr
     seeds = f"{len(candidate)} seed{'s' if len(candidate) > 1 else ''}"
-    summary = f"{where}, gain {gain:+.6f} = {z:+.1f} standard errors (noise {noise:.6f}, {seeds})"
+    summary = (f"{where}, gain {round(gain, 6) + 0.0:+.6f} = {round(z, 1) + 0.0:+.1f} standard errors "
+               f"(noise {noise:.6f}, {seeds})")  # + 0.0: a gain that rounds to zero reads +0.0, not -0.0
     worth_confirming = z > SCREEN_Z or (lines_delta < 0 and gain + 2 * stderr >= -rules.simplicity_tolerance)
     if len(candidate) < 1 + rules.confirm_runs and worth_confirming:
         return Verdict("confirm", f"close call, measuring again: {summary}")
