@@ -350,6 +350,29 @@ def test_an_agent_that_keeps_failing_is_asked_again_later_and_later(tmp_path):
     assert (created[2] - created[1]).total_seconds() >= 1.9  # the second waits 2 s
 
 
+def test_a_trials_process_group_is_in_the_store_before_the_loop_can_be_killed(tmp_path):
+    """kill -9 of the loop right after a trial's process started: --resume must find its group to stop."""
+    import multiprocessing
+
+    def loop_killed_as_the_trial_starts() -> None:
+        lab = _simulated_lab(tmp_path, seconds=0.05)
+
+        def trainer(work, run_dir, config, seed, **kwargs):
+            kwargs["on_stage"]("train", 424242)
+            os._exit(0)  # as a kill -9 of the loop would, before any queued event is handled
+
+        steps = [constant_step("deeper", "DEPTH", 12)]
+        Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], [Worker("w0", trainer)]).run(max_experiments=1)
+
+    child = multiprocessing.get_context("fork").Process(target=loop_killed_as_the_trial_starts)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    with Store.open(tmp_path / "lab") as store:
+        baseline = store.experiments()[0]
+    assert (baseline.kind, baseline.stage, baseline.pgid) == ("baseline", "train", 424242)
+
+
 @pytest.mark.slow
 def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(tmp_path, data_dir):
     slow = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.0)

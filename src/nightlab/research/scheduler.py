@@ -3,7 +3,9 @@
 One orchestrator thread owns the store, git, the notes board, the lead and the reviewer; worker
 threads only run trials (``Worker.trainer``: the runner in a subprocess, a Ray task, or the
 simulator) and proposal threads only let a researcher edit its own worktree. Everything they
-finish comes back as an event, and the orchestrator records it, so the store sees one writer.
+finish comes back as an event, and the orchestrator records it. The one exception: a worker writes
+its trial's stage and process group itself, the moment the process starts, so that a kill of the
+loop can never leave a running trial that --resume does not know how to stop.
 
 - Each worker trains in its own worktree ``train-<worker>``; each researcher edits in its own
   ``propose-<researcher>``. A researcher proposes one thing at a time; it is told the outcome of
@@ -44,7 +46,7 @@ from nightlab.research import sandbox, standby
 from nightlab.research.loop import MAX_BACKOFF_S, close_agent
 from nightlab.research.notes import Board
 from nightlab.research.runner import TrialResult, stop_group
-from nightlab.research.store import Experiment, now
+from nightlab.research.store import Experiment, Store, now
 
 POLL_S = 0.2
 
@@ -272,9 +274,13 @@ class Scheduler:
             self._proposed(*event[1:])
         elif kind == "trial":
             self._trained(*event[1:])
-        elif kind == "stage":
-            _, exp_id, stage, pgid = event
-            self.lab.store.update(exp_id, stage=stage, pgid=pgid)
+
+    def _record_stage(self, exp_id: int, stage: str, pgid: int) -> None:
+        """On the worker's thread, as a trial's process starts: its process group goes into the store
+        at once, not through the event queue, so a loop killed right after still leaves --resume the
+        group to stop (an orphan would hold the GPU and write into the run folder)."""
+        with Store(self.lab.store.path) as store:  # this thread's own connection (twice a trial)
+            store.update(exp_id, stage=stage, pgid=pgid)
 
     # -- proposals -----------------------------------------------------------------------------
 
@@ -380,7 +386,7 @@ class Scheduler:
         self.begun.add(exp_id)
         future = self.pool.submit(
             worker.trainer, work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=on_progress,
-            on_stage=lambda stage, pgid: self.events.put(("stage", exp_id, stage, pgid)),
+            on_stage=lambda stage, pgid: self._record_stage(exp_id, stage, pgid),
         )
         future.add_done_callback(lambda f: self.events.put(("trial", worker, exp_id, trial, f)))
 
