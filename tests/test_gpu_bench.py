@@ -6,6 +6,7 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +45,14 @@ def test_one_train_py_two_seeds_one_row_each_named_by_change(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_side_by_side_runs_the_variants_at_the_same_time_each_on_its_own_train_py(tmp_path: Path) -> None:
     books = gutenberg_sample(tmp_path / "books")
-    one_layer = tmp_path / "one_layer.py"
-    one_layer.write_text(TEMPLATE.read_text().replace("CPU_DEPTH = 2  #", "CPU_DEPTH = 1  #", 1))
+    says_cache = 'print("compile cache:", __import__("os").environ.get("TORCHINDUCTOR_CACHE_DIR"), flush=True)\n'
+    base, one_layer = tmp_path / "base.py", tmp_path / "one_layer.py"
+    base.write_text(TEMPLATE.read_text() + says_cache)
+    one_layer.write_text(TEMPLATE.read_text().replace("CPU_DEPTH = 2  #", "CPU_DEPTH = 1  #", 1) + says_cache)
     out = tmp_path / "out" / "results.jsonl"
 
     done = gpu_bench("--dataset", f"local:{books}", *SMALL, "--side-by-side",
-                     "--variant", "base=template", "--variant", f"shallow={one_layer}", "--out", str(out),
+                     "--variant", f"base={base}", "--variant", f"shallow={one_layer}", "--out", str(out),
                      home=tmp_path / "home", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -65,6 +68,12 @@ def test_side_by_side_runs_the_variants_at_the_same_time_each_on_its_own_train_p
             for name, r in rows.items()}
     assert when["base"][0] < when["shallow"][1] and when["shallow"][0] < when["base"][1], when
     assert "base" in done.stdout and "shallow" in done.stdout  # the closing table names both
+    # Each compiled into an empty cache of its own: two runs of the same graphs compiling into one
+    # cache at once slow each other's cold start.
+    caches = {name: re.search(r"compile cache: (\S+)", (out.parent / f"{name}.log").read_text()).group(1)
+              for name in rows}
+    assert caches["base"] != caches["shallow"] and "None" not in caches.values(), caches
+    assert all(r["compile_cache"] == "cold" for r in rows.values())
 
 
 @pytest.mark.slow
