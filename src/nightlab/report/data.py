@@ -384,8 +384,7 @@ def fmt_val(value: float | None, digits: int = 6) -> str:
 
 
 def fmt_delta(value: float | None) -> str:
-    """A signed difference; one that rounds to zero reads +0.000000, never -0.000000."""
-    return "" if value is None else f"{round(value, 6) + 0.0:+.6f}"
+    return "" if value is None else policy.signed(value)
 
 
 def fmt_seconds(seconds: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from nightlab.research.policy import signed
 from nightlab.research.store import FINISHED, Experiment, Store
 
 MAX_CHARS = 6000  # about 1,500 tokens
@@ -18,7 +19,7 @@ REASON_CHARS = 90
 
 def line(e: Experiment, best_val: float | None) -> str:
     val = f"{e.val_bpb:.6f}" if e.val_bpb is not None else "-".ljust(8)
-    delta = f" ({round(e.val_bpb - best_val, 6) + 0.0:+.6f})" if e.val_bpb is not None and best_val is not None else ""
+    delta = f" ({signed(e.val_bpb - best_val)})" if e.val_bpb is not None and best_val is not None else ""
     description = _clip(" ".join(e.description.split()), DESCRIPTION_CHARS)
     text = f"#{e.id} {e.status:<7} {val}{delta} {description}"
     if e.status != "keep" and e.reason:

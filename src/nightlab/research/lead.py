@@ -22,6 +22,7 @@ from nightlab.research.agents.search import dimension_for
 from nightlab.research.experiment import Lab
 from nightlab.research.notes import AGENDA, FINDINGS, Board
 from nightlab.research.org import Role, role_config
+from nightlab.research.policy import signed
 from nightlab.research.prompt import Prompt
 from nightlab.research.store import FINISHED
 
@@ -65,7 +66,7 @@ class StatsLead:
         lines = [f"# Agenda", "", f"Written by the lead after {sum(done.values())} experiments. "
                  "Claim one item, work on it, report.", ""]
         for promise, key, direction, m in ranked[:ITEMS]:
-            said = "untried" if not m.tries else f"{m.tries} tries, {m.wins} kept, best gain {m.best_gain:+.4f}"
+            said = "untried" if not m.tries else f"{m.tries} tries, {m.wins} kept, best gain {signed(m.best_gain, 4)}"
             lines.append(f"- {key}: try {'higher' if direction > 0 else 'lower'} ({said})")
         if avoid:
             lines += ["", "## Avoid", ""]

@@ -61,6 +61,11 @@ class NoiseMeter:
         return max(measured, self.floor)
 
 
+def signed(value: float, digits: int = 6) -> str:
+    """``value`` with its sign, rounded to ``digits``; one that rounds to zero reads +0.0..., never -0.0..."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
 def judge(
     candidate: Sequence[float],
     best: Sequence[float],
@@ -92,8 +97,7 @@ def judge(
     stderr = noise * math.sqrt(1 / len(candidate) + 1 / len(best))
     z = gain / stderr
     seeds = f"{len(candidate)} seed{'s' if len(candidate) > 1 else ''}"
-    summary = (f"{where}, gain {round(gain, 6) + 0.0:+.6f} = {round(z, 1) + 0.0:+.1f} standard errors "
-               f"(noise {noise:.6f}, {seeds})")  # + 0.0: a gain that rounds to zero reads +0.0, not -0.0
+    summary = f"{where}, gain {signed(gain)} = {signed(z, 1)} standard errors (noise {noise:.6f}, {seeds})"
     worth_confirming = z > SCREEN_Z or (lines_delta < 0 and gain + 2 * stderr >= -rules.simplicity_tolerance)
     if len(candidate) < 1 + rules.confirm_runs and worth_confirming:
         return Verdict("confirm", f"close call, measuring again: {summary}")
