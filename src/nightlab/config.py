@@ -228,23 +228,21 @@ def nearest_lab(start: Path | str) -> Path | None:
 def load(lab_dir: Path | str, overrides: list[str] | None = None) -> Config:
     """Read ``LAB/nightlab.toml`` (defaults when absent) and apply ``--set`` overrides."""
     path = Path(lab_dir) / CONFIG_FILE
-    config = Config()
-    if path.exists():
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e}); fix the line it names") from None
-        config = _anchor_local_dataset(_merge(config, tree, source=str(path)), Path(lab_dir))
-    return config.with_overrides(overrides or [])
+    return loads(path.read_text() if path.exists() else "", overrides, source=str(path), base=Path(lab_dir))
 
 
-def loads(text: str, overrides: list[str] | None = None, source: str = "recorded settings") -> Config:
-    """Settings from TOML text (as ``dumps`` writes them and each run records), then ``--set`` overrides."""
+def loads(text: str, overrides: list[str] | None = None, source: str = "recorded settings",
+          base: Path | None = None) -> Config:
+    """Settings from TOML text (a nightlab.toml, or what ``dumps`` recorded with a run), then ``--set``
+    overrides; a relative ``local:`` dataset in the text is taken from ``base`` where given."""
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML ({e})") from None
-    return _merge(Config(), tree, source=source).with_overrides(overrides or [])
+        raise ConfigError(f"{source}: not valid TOML ({e}); fix the line it names") from None
+    config = _merge(Config(), tree, source=source)
+    if base is not None:
+        config = _anchor_local_dataset(config, base)
+    return config.with_overrides(overrides or [])
 
 
 def differences(a: Config, b: Config, section: str = "lab") -> list[str]:
