@@ -302,9 +302,8 @@ class Scheduler:
             ctx = context(lab, program=researcher.brief, agent=researcher.name, claim=claim)
         except Exception as e:  # noqa: BLE001 -- e.g. git refuses the checkout: this proposal fails, not the night
             self.tally.proposals += 1
-            self.tally.rows += 1
-            reason = f"nightlab error: could not prepare a proposal: {type(e).__name__}: {e}"
-            self._finished(invalid_proposal(lab, parent, researcher.name, reason, claim=claim))
+            self._invalid(researcher, parent, f"nightlab error: could not prepare a proposal: {type(e).__name__}: {e}",
+                          None, claim)
             return
         if researcher.edits:
             ctx = dataclasses.replace(ctx, allowed_files=researcher.edits)
@@ -341,8 +340,7 @@ class Scheduler:
             researcher.failures += 1
             if researcher.failures > 1:
                 researcher.rest_until = time.monotonic() + min(MAX_BACKOFF_S, 2.0 ** (researcher.failures - 1))
-            self.tally.rows += 1
-            self._finished(invalid_proposal(lab, parent, researcher.name, reason, spent, claim=claim))
+            self._invalid(researcher, parent, reason, spent, claim)
             return
         researcher.failures = 0
         try:
@@ -355,10 +353,8 @@ class Scheduler:
             exp = admit(lab, work, best, outcome, researcher.name, claim=claim,
                         **({"allowed": researcher.edits} if researcher.edits else {}))
         except Exception as e:  # noqa: BLE001 -- e.g. git cannot commit it: this proposal fails, not the night
-            self.tally.rows += 1
-            reason = f"nightlab error: could not admit the proposal: {type(e).__name__}: {e}"
-            spent = outcome if isinstance(outcome, Proposal) else None
-            self._finished(invalid_proposal(lab, parent, researcher.name, reason, spent, claim=claim))
+            self._invalid(researcher, parent, f"nightlab error: could not admit the proposal: {type(e).__name__}: {e}",
+                          outcome if isinstance(outcome, Proposal) else None, claim)
             return
         self.tally.rows += 1
         self.authors[exp.id] = (researcher, outcome)
@@ -366,6 +362,11 @@ class Scheduler:
             self.ready.append(self._first(exp))
         else:
             self._finished(exp)
+
+    def _invalid(self, researcher: Researcher, parent: str, reason: str, spent: Proposal | None, claim: str) -> None:
+        """A proposal that failed (its agent, or nightlab preparing or admitting it) is an invalid row."""
+        self.tally.rows += 1
+        self._finished(invalid_proposal(self.lab, parent, researcher.name, reason, spent, claim=claim))
 
     def _tell(self, researcher: Researcher) -> None:
         for proposal, exp in researcher.outcomes:
