@@ -199,10 +199,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if lab_dir is not None:
         lab_conf = cfg.load(lab_dir).lab
         if datasets.dataset_dir(lab_conf.dataset, lab_conf.vocab_size, lab_conf.num_shards) != data_dir:
-            shards = f" and num_shards = {shards}" if datasets.parse_spec(spec).kind == "climbmix" else ""
+            keys = [f'dataset = "{spec}"', f"vocab_size = {vocab}"]
+            if datasets.parse_spec(spec).kind == "climbmix":
+                keys.append(f"num_shards = {shards}")
             print(f"note: the lab at {lab_dir} still trains on {lab_conf.dataset} (vocab {lab_conf.vocab_size}); to "
-                  f"train on this one, set dataset = \"{spec}\"{', ' if shards else ' and '}vocab_size = {vocab}"
-                  f"{shards} under [lab] in {lab_dir / cfg.CONFIG_FILE}")
+                  f"train on this one, set {', '.join(keys[:-1])} and {keys[-1]} under [lab] in "
+                  f"{lab_dir / cfg.CONFIG_FILE}")
     return 0
 
 
