@@ -88,15 +88,23 @@ def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None):
 
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, [*args.set, *(extra_sets or [])])
-    data_dir = args.data.resolve() if args.data else _prepared_dir(config)
-    if not (data_dir / "val.tokens.npy").exists():
-        raise UserError(f"{data_dir} is not a prepared dataset (no val.tokens.npy); run `nightlab prepare`")
+    data_dir = _dataset(args, config)
     from nightlab.research import git
 
     if not git.is_repo(lab_dir):
         raise UserError(f"{lab_dir} is not a git repository; nightlab keeps experiments as commits: `git init`")
     _check_writable(lab_dir)
     return lab_dir, config, data_dir
+
+
+def _dataset(args: argparse.Namespace, config: cfg.Config) -> Path:
+    """The prepared dataset to train on: ``--data``, else the one ``config`` names."""
+    from nightlab.cli import UserError
+
+    data_dir = args.data.resolve() if args.data else _prepared_dir(config)
+    if not (data_dir / "val.tokens.npy").exists():
+        raise UserError(f"{data_dir} is not a prepared dataset (no val.tokens.npy); run `nightlab prepare`")
+    return data_dir
 
 
 def _check_writable(lab_dir: Path) -> None:
@@ -338,7 +346,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 say(f"#{exp.id} replays with run {exp.run_tag!r}'s settings; today's nightlab.toml differs in "
                     f"{', '.join(changed)}")
             config = recorded
-            data_dir = args.data.resolve() if args.data else _prepared_dir(config)
+            data_dir = _dataset(args, config)
         previous = store.measurements(exp.id, kinds=("first", "baseline", "confirm", "replay"))
         seed = args.seed if args.seed is not None else max([m.seed for m in previous] + [config.lab.seed]) + 1
         run_dir = state_dir(lab_dir) / "runs" / str(exp.id) / f"replay-{seed}"
