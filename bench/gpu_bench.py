@@ -152,7 +152,7 @@ def run_seeds(lab: Path, change: str, card: str, args: argparse.Namespace, seeds
             "corpus_hash": record.get("corpus_hash"), "change": change,
             "compile_cache": ("cold" if not rows else "warm") if own_cache else None,
             "val_bpb": record.get("val_bpb"), "tok_per_s": record.get("tok_per_s"), "mfu": record.get("mfu_percent"),
-            "steps": record.get("num_steps"), "tokens": record.get("total_tokens"),
+            "steps": record.get("num_steps"), "tokens": record.get("total_tokens"), "epochs": record.get("epochs"),
             "startup_s": record.get("startup_seconds"), "eval_s": ev.get("eval_s"),
             # all the trial's wall time that was not training: both processes' launch, imports, startup, evaluation
             "overhead_s": _minus(record.get("wall_s"), record.get("training_seconds")),

@@ -54,6 +54,8 @@ def test_init_prepare_train_on_the_gutenberg_sample(tmp_path: Path) -> None:
     uniform = math.log2(8192) * ev["tokens"] / ev["bytes"]
     assert math.isfinite(ev["val_bpb"]) and ev["val_bpb"] < 0.85 * uniform
     trained = json.loads((run_dir / "summary.json").read_text())
+    manifest = json.loads((run_dir / "data/manifest.json").read_text())
+    assert float(summary["epochs"]) == round(trained["total_tokens"] / manifest["train_tokens"], 3) > 0
     assert trained["training_seconds"] >= 40 and trained["num_steps"] > 0 and trained["preset"] == "cpu"
     # The record keeps the trial's wall times: all of it, the training process's and the evaluator's.
     run = runs[0]

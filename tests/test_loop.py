@@ -66,6 +66,8 @@ def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
     assert sharper.val_bpb < base.val_bpb - 0.1 and "beyond the noise" in sharper.reason
     assert "fewer lines" in simpler.reason and simpler.val_bpb == pytest.approx(sharper.val_bpb)
     assert rows["noisy logits"].val_bpb > sharper.val_bpb
+    assert sharper.epochs == base.epochs == 0.05  # the stand-in's 1,000 tokens of the 20,000 in the train split
+    assert rows["crashing"].epochs is None
     assert "RuntimeError: stand-in crash" in rows["crashing"].error
     assert rows["diverging"].reason.startswith("NaN")
     assert "hard cap" in rows["hanging"].reason
@@ -98,6 +100,17 @@ def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
     assert "#2 keep" in proposer.contexts[-1].history
     assert (lab_dir / ".nightlab" / "best" / "model.pt").exists()
     assert "SHARPNESS = 1.0" in (lab_dir / ".nightlab" / "best" / "train.py").read_text()
+
+
+def test_a_verdict_says_when_the_runs_ended_in_different_epochs(tmp_path, data_dir):
+    lab = open_lab(_lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0)), data_dir)
+    proposer = ScriptedProposer([constant_step("reads more", "TOKENS", 30_000), constant_step("sharper", "SHARPNESS", 0.95)])
+    more, sharper = run_loop(lab, proposer, max_experiments=2)
+    assert more.epochs == 1.5 and lab.experiments()[0].epochs == 0.05  # 30,000 and 1,000 of 20,000 train tokens
+    assert more.status == "discard" and more.reason.endswith(
+        "it ended at 1.50 epochs of the train split, its reference at 0.05: on data read more than once, "
+        "where in an epoch a run ends moves val_bpb too")
+    assert sharper.epochs == 0.05 and "epochs" not in sharper.reason  # both within the first pass
 
 
 def test_next_proposal_is_prepared_while_the_current_experiment_trains(tmp_path, data_dir):
@@ -207,6 +220,31 @@ def test_nightlab_experiment_and_replay_commands(tmp_path, data_dir, capsys):
     assert "budget 0.75 s" in (replay_log.parent.parent / "replay-3" / "train.log").read_text()
 
 
+def test_replay_needs_only_the_dataset_the_experiment_was_measured_on(tmp_path, monkeypatch, capsys):
+    from nightlab.lab import datasets
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("NIGHTLAB_HOME", str(home))
+    make_dataset(datasets.dataset_dir("pycode:stdlib", 8192, home=home))  # prepared; climbmix is not
+    toml = lab_toml(baseline_runs=1, confirm_runs=0).replace("[lab]\n", '[lab]\ndataset = "pycode:stdlib"\n')
+    lab_dir = _lab(tmp_path, toml)
+    git(lab_dir, "switch", "-q", "-c", "nightlab/manual")
+    train = lab_dir / "train.py"
+    train.write_text(set_constant(train.read_text(), "SHARPNESS", 1.0))
+    assert main(["experiment", "-m", "sharper", "--lab", str(lab_dir)]) == 0
+    with Store.open(lab_dir) as store:
+        sharper = store.experiments("manual")[-1]
+    capsys.readouterr()
+
+    # Today's nightlab.toml names a dataset nobody prepared: the replay trains on the recorded one.
+    (lab_dir / "nightlab.toml").write_text(toml.replace('"pycode:stdlib"', '"climbmix"'))
+    assert main(["replay", str(sharper.id), "--lab", str(lab_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "today's nightlab.toml differs in lab.dataset" in out and f"val_bpb: {sharper.val_bpb:.6f}" in out
+    assert main(["experiment", "-m", "again", "--lab", str(lab_dir)]) == 2  # a new experiment needs today's
+    assert "nightlab prepare" in capsys.readouterr().err
+
+
 def test_a_second_command_on_a_lab_with_a_run_in_progress_is_refused(tmp_path, data_dir, capsys):
     """A second `nightlab run --resume` would take the live run's experiment for a killed run's and stop its trial."""
     lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
@@ -261,6 +299,16 @@ def test_a_git_killed_in_the_propose_worktree_costs_one_proposal(tmp_path, data_
     run_loop(lab, ScriptedProposer(steps), max_experiments=3)
     rows = [(e.description, e.status) for e in lab.experiments() if e.kind == "experiment"]
     assert rows == [("sharper", "invalid"), ("sharper again", "keep"), ("noisier", "discard")]
+
+
+def test_history_says_where_in_an_epoch_a_run_ended_once_it_repeats_data(tmp_path):
+    from nightlab.research import history
+
+    with Store(tmp_path / "store.db") as store:
+        first = store.add_experiment("t", description="one pass", status="keep", val_bpb=1.0, epochs=0.62)
+        again = store.add_experiment("t", description="faster", status="discard", val_bpb=1.01, epochs=5.06)
+    assert "epochs" not in history.line(first, best_val=1.0)
+    assert history.line(again, best_val=1.0).startswith("#2 discard 1.010000 (+0.010000) [5.06 epochs] faster")
 
 
 def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):

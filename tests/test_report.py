@@ -81,7 +81,7 @@ def simulated_night(root: Path, plan: tuple[str, ...] | list[str] = PLAN, worker
         ok = [v for v in values if v is not None]
         judged = float(np.mean(ok)) if ok and status in ("keep", "discard") else None
         store.update(exp_id, status=status, stage="done", val_bpb=judged, training_seconds=TRAIN_S,
-                     total_seconds=TRAIN_S + EVAL_S + 20, total_tokens=486_000_000, num_steps=400,
+                     total_seconds=TRAIN_S + EVAL_S + 20, total_tokens=486_000_000, epochs=4.472, num_steps=400,
                      num_params=50_300_000, peak_memory_mb=44_000 + 100 * exp_id, mfu_percent=45.0,
                      finished_at=_iso(end), **fields)
         clock[worker] = end + timedelta(seconds=int(rng.integers(1, 30)))
@@ -271,5 +271,6 @@ def test_a_difference_that_rounds_to_zero_has_no_minus_sign() -> None:
 
     assert fmt_delta(-1e-9) == "+0.000000" and fmt_delta(0.0) == "+0.000000"
     assert fmt_delta(-0.0000126) == "-0.000013" and fmt_delta(0.25) == "+0.250000"
-    same = SimpleNamespace(id=3, status="discard", val_bpb=0.5 - 1e-12, description="same as best", reason="")
+    same = SimpleNamespace(id=3, status="discard", val_bpb=0.5 - 1e-12, description="same as best", reason="",
+                           epochs=None)
     assert "(+0.000000)" in history.line(same, best_val=0.5)

@@ -57,6 +57,8 @@ def test_every_experiment_has_a_row_and_its_diff(night: SimulatedNight, report: 
     for r in n.rows:
         row = re.search(rf'<tr id="exp-{r.id}" data-status="{r.status}">(.*?)</tr>', page, re.S)
         assert row, f"no row for #{r.id}"
+        if r.exp.epochs is not None:  # where in the train split the run ended, to two places
+            assert f'data-v="{r.exp.epochs}">{r.exp.epochs:.2f}</td>' in row.group(1)
         diff = n.diff(r)
         if diff:  # the diff, escaped, one click away inside the row
             assert "<details>" in row.group(1)

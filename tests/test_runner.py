@@ -52,6 +52,8 @@ def test_ok_trial_streams_progress_and_is_judged_by_the_evaluator(tmp_path, data
     assert result.val_bpb is not None and 0 < result.val_bpb < 9
     assert result.eval["val_bpb"] == result.val_bpb
     assert result.summary["num_steps"] == 1 and result.summary["peak_memory_mb"] == 12.5
+    # The lab, not train.py, says how far into the train split the run read: 1,000 of its 20,000 tokens.
+    assert result.summary["epochs"] == 0.05
     assert "step 0 | budget 0.5 s | device cpu" in lines
     assert "---" in lines and (tmp_path / "run" / "train.log").read_text().count("step 1") == 1
     assert stages == ["train", "eval"]

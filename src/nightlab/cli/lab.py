@@ -239,8 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     ev = result.eval or {}
     print(f"val_bpb: {result.val_bpb:.6f}")
-    for key in ("training_seconds", "startup_seconds", "num_steps", "total_tokens", "tok_per_s", "mfu_percent",
-                "peak_memory_mb", "num_params"):
+    for key in ("training_seconds", "startup_seconds", "num_steps", "total_tokens", "epochs", "tok_per_s",
+                "mfu_percent", "peak_memory_mb", "num_params"):
         if key in (result.summary or {}):
             print(f"{key}: {result.summary[key]}")
     print(f"eval_seconds: {ev.get('eval_s', 0):.1f}")

@@ -83,12 +83,13 @@ def say(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
-def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None):
+def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None, dataset: bool = True):
+    """The lab, its settings and (unless ``dataset`` is False) the prepared dataset they name."""
     from nightlab.cli import UserError
 
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, [*args.set, *(extra_sets or [])])
-    data_dir = _dataset(args, config)
+    data_dir = _dataset(args, config) if dataset else None
     from nightlab.research import git
 
     if not git.is_repo(lab_dir):
@@ -327,7 +328,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from nightlab.research.runner import run_trial
     from nightlab.research.store import Store
 
-    lab_dir, config, data_dir = _setup(args)
+    lab_dir, config, _ = _setup(args, dataset=False)  # the dataset is the experiment's run's, found below
     with _holding(lab_dir), Store.open(lab_dir) as store:
         try:
             exp = store.get(args.id)
@@ -346,7 +347,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 say(f"#{exp.id} replays with run {exp.run_tag!r}'s settings; today's nightlab.toml differs in "
                     f"{', '.join(changed)}")
             config = recorded
-            data_dir = _dataset(args, config)
+        data_dir = _dataset(args, config)
         previous = store.measurements(exp.id, kinds=("first", "baseline", "confirm", "replay"))
         seed = args.seed if args.seed is not None else max([m.seed for m in previous] + [config.lab.seed]) + 1
         run_dir = state_dir(lab_dir) / "runs" / str(exp.id) / f"replay-{seed}"

@@ -169,7 +169,7 @@ def _experiments(night: Night) -> str:
                       for s in statuses)
     rows = "\n".join(_experiment_row(night, r) for r in night.rows)
     head = "".join(f"<th>{h}</th>" for h in ("#", "status", "val_bpb", "Δ parent", "train time", "total time",
-                                             "memory GB", "worker", "description"))
+                                             "epochs", "memory GB", "worker", "description"))
     return (f"<h2 id=\"all\">Every experiment</h2>\n<div class=\"filters\">show: {filters}</div>\n"
             f"<table id=\"experiments\" class=\"sortable\"><thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n"
             "</tbody></table>")
@@ -204,6 +204,7 @@ def _experiment_row(night: Night, r: Row) -> str:
             f"<td class=\"num{tone}\" data-v=\"{_v(delta)}\">{fmt_delta(delta)}</td>"
             f"<td class=\"num\" data-v=\"{_v(e.training_seconds)}\">{fmt_seconds(e.training_seconds)}</td>"
             f"<td class=\"num\" data-v=\"{_v(e.total_seconds)}\">{fmt_seconds(e.total_seconds)}</td>"
+            f"<td class=\"num\" data-v=\"{_v(e.epochs)}\">{fmt_val(e.epochs, 2)}</td>"
             f"<td class=\"num\" data-v=\"{_v(r.memory_gb)}\">{fmt_val(r.memory_gb, 1)}</td>"
             f"<td data-v=\"{escape(e.worker)}\">{escape(e.worker)}</td>"
             f"<td data-v=\"{escape(e.description)}\">{more}</td></tr>")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -345,7 +346,8 @@ def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -
         lab.store.update(exp.id, stage="judge", pgid=None, training_seconds=s.get("training_seconds", result.train_s),
                          total_seconds=result.total_s, total_tokens=s.get("total_tokens"), num_steps=s.get("num_steps"),
                          num_params=s.get("num_params"), peak_memory_mb=s.get("peak_memory_mb"),
-                         mfu_percent=s.get("mfu_percent"), error=result.error if result.status != "ok" else "",
+                         mfu_percent=s.get("mfu_percent"), epochs=s.get("epochs"),
+                         error=result.error if result.status != "ok" else "",
                          reason=result.reason)
     elif result.status != "ok":
         lab.store.update(exp.id, stage="judge", pgid=None, error=result.error,
@@ -421,8 +423,24 @@ def _reference(lab: Lab, exp: Experiment) -> Experiment:
 
 def _judge(lab: Lab, exp: Experiment, reference: Experiment) -> policy.Verdict:
     lines_delta = (exp.code_lines or 0) - (reference.code_lines or 0)
-    return policy.judge(lab.store.values(exp.id), lab.store.values(reference.id), lab.noise(), lab.config.run,
-                        lines_delta)
+    verdict = policy.judge(lab.store.values(exp.id), lab.store.values(reference.id), lab.noise(), lab.config.run,
+                           lines_delta)
+    if verdict.decision == "confirm":
+        return verdict
+    return policy.Verdict(verdict.decision, verdict.reason + _epoch_note(exp, reference))
+
+
+def _epoch_note(exp: Experiment, reference: Experiment) -> str:
+    """A word on the verdict when the two runs ended in different passes over the train split.
+
+    On data read more than once, val_bpb also moves with where in an epoch a run ends (by about
+    0.01 on pycode at 300 s, bench/RESULTS.md), so a change of speed alone can look like a gain.
+    """
+    ran, ref = exp.epochs, reference.epochs
+    if ran is None or ref is None or max(ran, ref) < 1 or math.floor(ran) == math.floor(ref):
+        return ""
+    return (f"; it ended at {ran:.2f} epochs of the train split, its reference at {ref:.2f}: on data read "
+            f"more than once, where in an epoch a run ends moves val_bpb too")
 
 
 def _finish(lab: Lab, exp: Experiment, status: str, reason: str, review: str = "") -> Experiment:

@@ -20,8 +20,10 @@ REASON_CHARS = 90
 def line(e: Experiment, best_val: float | None) -> str:
     val = f"{e.val_bpb:.6f}" if e.val_bpb is not None else "-".ljust(8)
     delta = f" ({signed(e.val_bpb - best_val)})" if e.val_bpb is not None and best_val is not None else ""
+    # Past one pass over the train split, where in an epoch a run ended moves its val_bpb too.
+    epochs = f" [{e.epochs:.2f} epochs]" if e.epochs is not None and e.epochs >= 1 else ""
     description = _clip(" ".join(e.description.split()), DESCRIPTION_CHARS)
-    text = f"#{e.id} {e.status:<7} {val}{delta} {description}"
+    text = f"#{e.id} {e.status:<7} {val}{delta}{epochs} {description}"
     if e.status != "keep" and e.reason:
         text += f" -- {_clip(' '.join(e.reason.split()), REASON_CHARS)}"
     return text

@@ -80,6 +80,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX experiments_commit ON experiments (run_tag, commit_sha);
     CREATE INDEX experiments_status ON experiments (run_tag, status, id);
     """,
+    # 3: passes over the train split, as a fraction (where in an epoch a run ends moves its val_bpb)
+    """
+    ALTER TABLE experiments ADD COLUMN epochs REAL;
+    """,
 )
 
 

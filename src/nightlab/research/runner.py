@@ -145,7 +145,7 @@ def run_trial(
         (run_dir / STANDBY_FILE).write_text(json.dumps({"startup_s": round(waiting.startup_s, 2)}) + "\n")
     else:
         escaped_early = []
-    summary = _read_json(run_dir / "summary.json")
+    summary = with_epochs(_read_json(run_dir / "summary.json"), data_dir)
     log_tail = _tail(train_log)
     base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
 
@@ -413,6 +413,19 @@ def _exit_reason(returncode: int, log_tail: str) -> str:
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
+
+
+def with_epochs(summary: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """``summary`` with ``epochs``: the passes over the train split its tokens make, as a fraction.
+
+    On a dataset that a run reads several times over, where in an epoch a run ends moves its
+    val_bpb (by about 0.01 on pycode at 300 s: bench/RESULTS.md), so the record says where.
+    """
+    tokens = summary.get("total_tokens")
+    train_tokens = _read_json(data_dir / "manifest.json").get("train_tokens")
+    if isinstance(tokens, (int, float)) and isinstance(train_tokens, int) and tokens >= 0 and train_tokens > 0:
+        return {**summary, "epochs": round(tokens / train_tokens, 3)}
+    return {k: v for k, v in summary.items() if k != "epochs"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -85,6 +85,7 @@ class Experiment:
     review: str = ""  # the reviewer's verdict on a winning diff: "approve: ..." or "veto: ..."
     origin_id: int | None = None  # the experiment whose change this one re-applies on a newer best
     claim: str = ""  # the agenda item the proposer worked on
+    epochs: float | None = None  # passes over the train split the first trial made (tokens / train tokens)
 
 
     @property
