@@ -113,6 +113,20 @@ def test_a_verdict_says_when_the_runs_ended_in_different_epochs(tmp_path, data_d
     assert sharper.epochs == 0.05 and "epochs" not in sharper.reason  # both within the first pass
 
 
+def test_the_epoch_note_is_for_runs_that_ended_in_different_epochs():
+    from types import SimpleNamespace
+
+    from nightlab.research.experiment import _epoch_note
+
+    def note(ran, ref):
+        return _epoch_note(SimpleNamespace(epochs=ran), SimpleNamespace(epochs=ref))
+
+    assert note(2.05, 1.95) == ("; it ended at 2.05 epochs of the train split, its reference at 1.95: on data read "
+                                "more than once, where in an epoch a run ends moves val_bpb too")
+    assert note(4.99, 5.06).startswith("; it ended at 4.99 epochs")
+    assert note(1.2, 1.8) == note(0.4, 0.9) == note(None, 3.0) == note(3.0, None) == ""
+
+
 def test_next_proposal_is_prepared_while_the_current_experiment_trains(tmp_path, data_dir):
     lab_dir = _lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0))
     lab = open_lab(lab_dir, data_dir)

@@ -64,6 +64,7 @@ def test_mlflow_export_logs_each_finished_experiment_once(night: SimulatedNight,
     best = runs[n.best.id]
     assert best.data.metrics["val_bpb"] == pytest.approx(night.best_val)
     assert best.data.metrics["delta_vs_parent"] == pytest.approx(n.best.delta)
+    assert best.data.metrics["epochs"] == pytest.approx(n.best.exp.epochs)
     assert best.data.tags["nightlab.commit"] == n.best.exp.commit_sha and best.info.status == "FINISHED"
     assert best.data.params["worker"] == n.best.exp.worker
     diff = client.download_artifacts(best.info.run_id, "diff.patch", str(tmp_path))

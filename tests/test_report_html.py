@@ -98,6 +98,8 @@ def test_markdown_summary_and_cli(night: SimulatedNight, report: ReportFiles) ->
     assert f"**best val_bpb {night.best_val:.6f}**" in md
     kept_rows = re.findall(r"^\| (\d+) \| [\d.]+ \| -[\d.]+ \|", md, re.M)
     assert len(kept_rows) == PLAN.count("keep")
+    best = data.load_night(night.lab).best.exp  # the leaderboard's first row says where in an epoch it ended
+    assert re.search(rf"^\| {best.id} \| keep \| {best.val_bpb:.6f} \| [^|]* \| {best.epochs:.2f} \|", md, re.M)
     done = subprocess.run([sys.executable, "-m", "nightlab", "report", "--markdown", "--lab", str(night.lab)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -61,6 +61,23 @@ def test_ok_trial_streams_progress_and_is_judged_by_the_evaluator(tmp_path, data
     assert result.total_s >= result.train_s + result.eval_s - 0.01
 
 
+def test_epochs_come_from_the_lab_and_only_from_a_real_count(tmp_path, data_dir):
+    # The stand-in reports 1,000 tokens; the test dataset's train split holds 20,000.
+    assert runner.with_epochs({"total_tokens": 30_000}, data_dir)["epochs"] == 1.5
+    assert runner.with_epochs({"total_tokens": 1000, "epochs": 7}, data_dir)["epochs"] == 0.05
+    for bad in (float("inf"), float("nan"), -5, True, "1000", None, 10**400):
+        assert "epochs" not in runner.with_epochs({"total_tokens": bad, "epochs": 7}, data_dir), bad
+    (tmp_path / "bare").mkdir()  # no manifest: no figure, and train.py's own is not passed off as the lab's
+    assert "epochs" not in runner.with_epochs({"total_tokens": 1000, "epochs": 7}, tmp_path / "bare")
+
+    # A train.py that claims infinitely many tokens still gets its trial judged, without a figure.
+    work = _workdir(tmp_path)
+    train = work / "train.py"
+    train.write_text(train.read_text().replace("TOKENS = 1000", 'TOKENS = float("inf")'))
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "ok" and "epochs" not in result.summary
+
+
 def test_sharper_unigram_scores_better(tmp_path, data_dir):
     flat = run_trial(_workdir(tmp_path / "a", SHARPNESS=0.0), tmp_path / "a/run", _config(), 0, data_dir=data_dir)
     sharp = run_trial(_workdir(tmp_path / "b", SHARPNESS=1.0), tmp_path / "b/run", _config(), 0, data_dir=data_dir)

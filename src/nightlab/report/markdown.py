@@ -57,10 +57,10 @@ def _leaderboard(night: Night) -> list[str]:
                       key=lambda r: r.exp.val_bpb)  # type: ignore[arg-type, return-value]
     if not measured:
         return []
-    out = [f"## Leaderboard (top {min(TOP, len(measured))})", "", "| # | status | val_bpb | Δ parent | change |",
-           "| ---: | --- | ---: | ---: | --- |"]
-    out += [f"| {r.id} | {r.status} | {fmt_val(r.exp.val_bpb)} | {fmt_delta(r.delta)} | {_cell(r.exp.description)} |"
-            for r in measured[:TOP]]
+    out = [f"## Leaderboard (top {min(TOP, len(measured))})", "",
+           "| # | status | val_bpb | Δ parent | epochs | change |", "| ---: | --- | ---: | ---: | ---: | --- |"]
+    out += [f"| {r.id} | {r.status} | {fmt_val(r.exp.val_bpb)} | {fmt_delta(r.delta)} | {fmt_val(r.exp.epochs, 2)} | "
+            f"{_cell(r.exp.description)} |" for r in measured[:TOP]]
     return out + [""]
 
 

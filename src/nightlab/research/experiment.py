@@ -425,9 +425,7 @@ def _judge(lab: Lab, exp: Experiment, reference: Experiment) -> policy.Verdict:
     lines_delta = (exp.code_lines or 0) - (reference.code_lines or 0)
     verdict = policy.judge(lab.store.values(exp.id), lab.store.values(reference.id), lab.noise(), lab.config.run,
                            lines_delta)
-    if verdict.decision == "confirm":
-        return verdict
-    return policy.Verdict(verdict.decision, verdict.reason + _epoch_note(exp, reference))
+    return dataclasses.replace(verdict, reason=verdict.reason + _epoch_note(exp, reference))
 
 
 def _epoch_note(exp: Experiment, reference: Experiment) -> str:
@@ -437,7 +435,7 @@ def _epoch_note(exp: Experiment, reference: Experiment) -> str:
     0.01 on pycode at 300 s, bench/RESULTS.md), so a change of speed alone can look like a gain.
     """
     ran, ref = exp.epochs, reference.epochs
-    if ran is None or ref is None or max(ran, ref) < 1 or math.floor(ran) == math.floor(ref):
+    if ran is None or ref is None or math.floor(ran) == math.floor(ref):
         return ""
     return (f"; it ended at {ran:.2f} epochs of the train split, its reference at {ref:.2f}: on data read "
             f"more than once, where in an epoch a run ends moves val_bpb too")

@@ -63,7 +63,7 @@ class StatsLead:
                 ranked.append((promise, key, direction, m))
         ranked.sort(key=lambda r: -r[0])
         done = lab.store.status_counts(lab.run.tag, kind="experiment")
-        lines = [f"# Agenda", "", f"Written by the lead after {sum(done.values())} experiments. "
+        lines = ["# Agenda", "", f"Written by the lead after {sum(done.values())} experiments. "
                  "Claim one item, work on it, report.", ""]
         for promise, key, direction, m in ranked[:ITEMS]:
             said = "untried" if not m.tries else f"{m.tries} tries, {m.wins} kept, best gain {signed(m.best_gain, 4)}"

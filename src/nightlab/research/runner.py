@@ -420,12 +420,28 @@ def with_epochs(summary: dict[str, Any], data_dir: Path) -> dict[str, Any]:
 
     On a dataset that a run reads several times over, where in an epoch a run ends moves its
     val_bpb (by about 0.01 on pycode at 300 s: bench/RESULTS.md), so the record says where.
+    The count is the tokens train.py reports over the split's tokens; the loader's own epoch
+    boundary can fall up to about 1 % of an epoch earlier (the extra tokens of each row, the
+    warm-up step's batch, each epoch's dropped last batch). train.py's own ``epochs``, if any, is
+    replaced: the record holds the lab's figure or none.
     """
+    without = {k: v for k, v in summary.items() if k != "epochs"}
     tokens = summary.get("total_tokens")
     train_tokens = _read_json(data_dir / "manifest.json").get("train_tokens")
-    if isinstance(tokens, (int, float)) and isinstance(train_tokens, int) and tokens >= 0 and train_tokens > 0:
-        return {**summary, "epochs": round(tokens / train_tokens, 3)}
-    return {k: v for k, v in summary.items() if k != "epochs"}
+    if not (_is_count(tokens) and _is_count(train_tokens) and train_tokens > 0):
+        return without
+    try:
+        epochs = tokens / train_tokens
+    except OverflowError:  # a count too large for a float is no count
+        return without
+    return {**without, "epochs": round(epochs, 3)} if math.isfinite(epochs) else without
+
+
+def _is_count(value: Any) -> bool:
+    """A number of tokens: a finite, non-negative int or float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 and (isinstance(value, int) or math.isfinite(value))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -279,7 +279,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum, weight_decay):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self._lr = torch.tensor(0.0, device=DEVICE)  # tensors, so a compiled update would never recompile
+        self._lr = torch.tensor(0.0, device=DEVICE)  # tensors: a compiled update would not recompile per value
         self._momentum = torch.tensor(0.0, device=DEVICE)
         self._wd = torch.tensor(0.0, device=DEVICE)
         # Not compiled: compiling the update (once per matrix shape) took 12 s more cold startup
