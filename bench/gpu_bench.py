@@ -251,11 +251,12 @@ def main() -> int:
             rows += run_seeds(lab, name, card, args, job_seeds)
 
     print(f"\nprepare: {prepare_s:.0f}s | card: {card}")
-    print(f"{'change':<16} {'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'startup':>8} {'eval':>6} "
-          f"{'overhead':>9} {'mem GB':>7}  corpus")
+    print(f"{'change':<16} {'seed':>4} {'val_bpb':>9} {'tok/s':>10} {'mfu%':>6} {'steps':>6} {'epochs':>6} "
+          f"{'startup':>8} {'eval':>6} {'overhead':>9} {'mem GB':>7}  corpus")
     for r in rows:
         print(f"{r['change'][:16]:<16} {r['seed']:>4} {r['val_bpb'] or float('nan'):>9.5f} {r['tok_per_s'] or 0:>10,} "
-              f"{r['mfu'] or 0:>6.1f} {r['steps'] or 0:>6} {r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} "
+              f"{r['mfu'] or 0:>6.1f} {r['steps'] or 0:>6} {r['epochs'] or 0:>6.2f} "
+              f"{r['startup_s'] or 0:>8.1f} {r['eval_s'] or 0:>6.1f} "
               f"{r['overhead_s'] or 0:>9.1f} {r['peak_mem_gb']:>7.1f}  {r['corpus_hash']}")
     return 0 if len(rows) == runs else 1
 

@@ -39,6 +39,8 @@ def test_one_train_py_two_seeds_one_row_each_named_by_change(tmp_path: Path) -> 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["change"], r["seed"], r["status"]) for r in rows] == [("baseline", 0, "ok"), ("baseline", 1, "ok")]
     assert all(r["budget_s"] == 4 and r["val_bpb"] > 0 and "gpu" not in r for r in rows)
+    assert all(0 < r["epochs"] < 1 for r in rows)  # where in the train split each run ended
+    assert re.search(r"^baseline +0 +[\d.]+ +[\d,]+ +[\d.]+ +\d+ +0\.\d\d ", done.stdout, re.M)  # ... and the table says it
     assert "val_bpb" in done.stdout  # the training output streams to the terminal, not to a log
 
 
