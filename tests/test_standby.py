@@ -82,7 +82,10 @@ def test_the_expected_trial_starts_during_the_current_one_and_trains_after_it(tm
     assert two.eval["val_bpb"] == two.val_bpb
     assert (run2 / "standby.json").exists() and not (tmp_path / "run1" / "standby.json").exists()
     fresh = run_trial(second, tmp_path / "run3", _config(), 3, data_dir=data_dir)
-    assert fresh.val_bpb == pytest.approx(two.val_bpb)  # the same trial, measured the same
+    # The same trial, measured the same. A different train.py (SHARPNESS 1.0) scores 5.81 against
+    # 6.44 here; the tolerance only absorbs last-digit differences between two processes on a
+    # loaded CI machine, which were once seen at 2e-6.
+    assert fresh.val_bpb == pytest.approx(two.val_bpb, rel=1e-4)
     assert not _alive(summary["pid"])
 
 
