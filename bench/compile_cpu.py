@@ -13,6 +13,16 @@ costs next to nothing and the first call's time is compile time.
 and `model.inputs` too where the train.py has it (`regional_compile_inputs.patch`).
 Each run starts with an empty compile cache unless `--cache DIR` names one: run twice with the
 same folder for the warm figure.
+
+FlexAttention has no backward pass on the CPU, so a template with short attention windows breaks
+the graph there and falls back to eager for those layers: its forward-and-backward figures are not
+its compile time. `--forward-only` compiles the forward pass alone (under no_grad), which traces
+and compiles every layer, the windowed ones through FlexAttention:
+
+    python bench/compile_cpu.py whole --forward-only --cache /tmp/cc   # twice: cold, then warm
+
+A train.py with `make_block_masks(T, device)` (`bench/leads/block_masks_once.patch`) gets its
+masks made before compiling, as its own `main()` does on CUDA.
 """
 
 import argparse
@@ -24,6 +34,7 @@ from template_speed import load_train, print_compile_times  # this folder is on 
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8192
+ROWS_T = 256  # tokens in the one row: twice the template's short window, so the windows are used
 
 
 def main() -> None:
@@ -31,6 +42,8 @@ def main() -> None:
     ap.add_argument("mode", choices=("whole", "regions"))
     ap.add_argument("--train-py", default=str(ROOT / "src/nightlab/template/train.py"))
     ap.add_argument("--cache", type=Path, help="torch.compile cache folder (default: a new empty one)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="compile and time the forward pass alone, without gradients (FlexAttention on the CPU)")
     args = ap.parse_args()
     cache = args.cache or Path(tempfile.mkdtemp()) / "compile-cache"
     train = load_train(args.train_py, VOCAB, NIGHTLAB_DEVICE="cpu", NIGHTLAB_PRESET="gpu",
@@ -39,6 +52,8 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     model = train.build_model()
+    if hasattr(train, "make_block_masks"):  # block_masks_once.patch
+        train.make_block_masks(ROWS_T, "cpu")
     if args.mode == "whole":
         step = torch.compile(model)
     else:
@@ -48,10 +63,15 @@ def main() -> None:
             model.inputs = torch.compile(model.inputs)
         model.output = torch.compile(model.output)
         step = model
-    x = torch.randint(0, VOCAB, (1, 256))
-    print(f"depth {train.DEPTH}, width {train.MODEL_DIM}, {args.mode}")
+    x = torch.randint(0, VOCAB, (1, ROWS_T))
+    print(f"depth {train.DEPTH}, width {train.MODEL_DIM}, {args.mode}" + (", forward only" if args.forward_only else ""))
     for call in ("first", "second"):
         t0 = time.time()
+        if args.forward_only:
+            with torch.no_grad():
+                step(x, x)
+            print(f"{call} call: forward {time.time() - t0:.1f} s", flush=True)
+            continue
         loss = step(x, x)
         forward_s = time.time() - t0
         loss.backward()

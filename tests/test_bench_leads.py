@@ -52,7 +52,8 @@ def loss_and_grads(train, seed: int = 0):
 
 
 def test_there_are_leads_to_check() -> None:
-    assert {p.name for p in LEADS} >= {"regional_compile.patch", "regional_compile_inputs.patch", "nested_compile_region.patch"}
+    assert {p.name for p in LEADS} >= {"regional_compile.patch", "regional_compile_inputs.patch", "nested_compile_region.patch",
+                                       "block_masks_once.patch"}
 
 
 @pytest.mark.parametrize("lead", [p.name for p in LEADS])
@@ -72,3 +73,28 @@ def test_compiling_by_regions_computes_exactly_what_the_template_does(lead: str,
     loss_t, grads_t = loss_and_grads(template)
     assert torch.equal(loss, loss_t)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_t))
+
+
+def test_block_masks_made_before_compiling_leave_none_to_build_in_the_graph(prepared_tiny: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load(patched(tmp_path, "block_masks_once.patch"), prepared_tiny, tmp_path, monkeypatch, "masks")
+    assert any(train.window_of(i) for i in range(train.DEPTH)), "the CPU preset has no short window to test"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    torch.manual_seed(0)
+    model = train.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    tokens = torch.randint(0, model.vocab_size, (2, train.SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(tokens)  # the evaluator's path: SDPA with a boolean band
+        train.make_block_masks(train.SEQ_LEN, "cpu")
+
+        def no_mask_in_the_graph(*args, **kwargs):
+            raise AssertionError("the compiled model built a block mask of its own")
+
+        monkeypatch.setattr(train, "create_block_mask", no_mask_in_the_graph)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)(tokens)  # FlexAttention with the masks made above
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4)
