@@ -37,8 +37,8 @@ def load(path: Path, prepared_tiny: Path, tmp_path: Path, monkeypatch: pytest.Mo
     return ev.import_train_py(copy)
 
 
-def loss_and_grads(train, seed: int = 0):
-    """Loss and gradients of a fresh model whose zero-initialized weights were made non-zero."""
+def model_and_tokens(train, seed: int = 0):
+    """A fresh model whose zero-initialized weights were made non-zero, and two rows of tokens."""
     torch.manual_seed(seed)
     model = train.build_model()
     with torch.no_grad():
@@ -46,6 +46,12 @@ def loss_and_grads(train, seed: int = 0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     tokens = torch.randint(0, model.vocab_size, (2, train.SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    return model, tokens
+
+
+def loss_and_grads(train, seed: int = 0):
+    """Loss and gradients of ``model_and_tokens``' model on its tokens."""
+    model, tokens = model_and_tokens(train, seed)
     loss = model(tokens, tokens.roll(-1, dims=1))
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
@@ -80,12 +86,7 @@ def test_block_masks_made_before_compiling_leave_none_to_build_in_the_graph(prep
     train = load(patched(tmp_path, "block_masks_once.patch"), prepared_tiny, tmp_path, monkeypatch, "masks")
     assert any(train.window_of(i) for i in range(train.DEPTH)), "the CPU preset has no short window to test"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
-    torch.manual_seed(0)
-    model = train.build_model()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
-    tokens = torch.randint(0, model.vocab_size, (2, train.SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    model, tokens = model_and_tokens(train)
     with torch.no_grad():
         eager = model(tokens)  # the evaluator's path: SDPA with a boolean band
         train.make_block_masks(train.SEQ_LEN, "cpu")
