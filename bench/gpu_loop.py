@@ -111,7 +111,7 @@ def main() -> int:
         sampler.terminate()
         sampler.wait()
 
-    from nightlab.research.store import Store
+    from nightlab.night.store import Store
 
     with Store.open(lab) as store:
         rows = [e for e in store.experiments("bench") if e.finished_at]

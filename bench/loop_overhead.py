@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.standin.helpers import (  # noqa: E402
     STANDIN, constant_step, lab_toml, make_dataset, make_lab, open_lab, set_constant,
 )
-from nightlab.research import experiment  # noqa: E402
-from nightlab.research.agents.scripted import ScriptedProposer  # noqa: E402
-from nightlab.research.loop import run_loop  # noqa: E402
+from nightlab.night import experiment  # noqa: E402
+from nightlab.agents.scripted import ScriptedProposer  # noqa: E402
+from nightlab.night.scheduler import run_single  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         lab = open_lab(lab_dir, data)
         steps = [constant_step(f"noise {i}", "NOISE", round(0.01 * (i + 1), 3)) for i in range(2 * args.experiments)]  # spares for re-asks
         start = time.perf_counter()
-        run_loop(lab, ScriptedProposer(steps), max_experiments=args.experiments)
+        run_single(lab, ScriptedProposer(steps), max_experiments=args.experiments)
         wall = time.perf_counter() - start
         statuses = [e.status for e in lab.experiments()]
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]

@@ -1,6 +1,6 @@
 """The scheduler at scale, in simulation: many workers, many researchers, thousands of experiments.
 
-Runs ``nightlab.research.simulate.run`` (real store, policy, scheduler, notes board, lead and
+Runs ``nightlab.sim.simulate.run`` (real store, policy, scheduler, notes board, lead and
 reviewer; simulated trainer, in-memory git, simulated researchers) and checks that nothing is
 lost or run twice:
 
@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from nightlab.research import simulate
+from nightlab.sim import simulate
 
 ROLES = {
     "researcher.md": "---\nname: r\nkind: researcher\nbackend: simulated\ncount: {n}\n---\n",

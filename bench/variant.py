@@ -8,7 +8,7 @@ Uses the same constant rewriter as the `search` agent, so comments and layout st
 import sys
 from pathlib import Path
 
-from nightlab.research.agents.constants import find_constants, write_constants
+from nightlab.agents.constants import find_constants, write_constants
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "src/nightlab/template/train.py"
 

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "agents"))
 from llm_server import Scripted, ScriptedServer, chat, error, message  # noqa: E402
 
 from nightlab.config import ApiAgentConfig, Config, ConfigError  # noqa: E402
-from nightlab.research import agents  # noqa: E402
-from nightlab.research.agents import pricing  # noqa: E402
-from nightlab.research.agents.api import ApiProposer  # noqa: E402
-from nightlab.research.agents.base import Context, ProposalError  # noqa: E402
-from nightlab.research.agents.edits import REPLY_FORMAT  # noqa: E402
+from nightlab import agents  # noqa: E402
+from nightlab.agents import pricing  # noqa: E402
+from nightlab.agents.api import ApiProposer  # noqa: E402
+from nightlab.night.proposals import Context, ProposalError# noqa: E402
+from nightlab.agents.edits import REPLY_FORMAT  # noqa: E402
 
 CANARY = "sk-canary-7f3a9c1e5b2d4680"
 KEY_ENV = "NIGHTLAB_TEST_KEY"

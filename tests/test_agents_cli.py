@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from nightlab.config import CliAgentConfig, Config, ConfigError
-from nightlab.research import agents
-from nightlab.research.agents.base import Context, ProposalError
-from nightlab.research.agents.cli import PRESETS, CliProposer, command_template, render, wants_stdin
+from nightlab import agents
+from nightlab.night.proposals import Context, ProposalError
+from nightlab.agents.cli import PRESETS, CliProposer, command_template, render, wants_stdin
 
 AGENT = Path(__file__).parent / "fixtures" / "agents" / "standin_agent.py"
 TRAIN = "LR = 0.01  # learning rate\n"
@@ -143,9 +143,9 @@ def test_an_agent_still_thinking_when_the_loop_stops_is_stopped_with_it(tmp_path
     import threading
 
     from fixtures.standin.helpers import lab_toml, make_dataset, make_lab, open_lab
-    from nightlab.research.executors import local_workers
-    from nightlab.research.loop import run_loop
-    from nightlab.research.scheduler import Researcher, Scheduler
+    from nightlab.night.executors import local_workers
+    from nightlab.night.scheduler import run_single
+    from nightlab.night.scheduler import Researcher, Scheduler
 
     lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0))
     lab = open_lab(lab_dir, make_dataset(tmp_path / "data"))
@@ -154,7 +154,7 @@ def test_an_agent_still_thinking_when_the_loop_stops_is_stopped_with_it(tmp_path
     stop = threading.Event()
     threading.Thread(target=lambda: (_wait_for(marker), stop.set()), daemon=True).start()  # Ctrl-C while it thinks
     if loop == "plain":
-        run_loop(lab, agent, stop=stop)
+        run_single(lab, agent, stop=stop)
     else:
         Scheduler(lab, [Researcher("a", agent)], local_workers(["cpu"])).run(stop=stop)
     assert not _alive(int(marker.read_text()))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.research.agents.base import Context, ProposalError
-from nightlab.research.agents.edits import REPLY_FORMAT, Edit, apply_edits, parse_reply
-from nightlab.research.prompt import build_prompt
+from nightlab.night.proposals import Context, ProposalError
+from nightlab.agents.edits import REPLY_FORMAT, Edit, apply_edits, parse_reply
+from nightlab.agents.prompt import build_prompt
 
 TRAIN = "A = 1  # a\nB = 2  # b\nfor _ in range(3):\n    pass\nfor _ in range(3):\n    pass\n"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from nightlab.config import Config
-from nightlab.research import agents
-from nightlab.research.agents.base import Context, ProposalError
-from nightlab.research.agents.scripted import SCRIPT_FILE, ScriptedProposer, replace_step
+from nightlab import agents
+from nightlab.night.proposals import Context, ProposalError
+from nightlab.agents.scripted import SCRIPT_FILE, ScriptedProposer, replace_step
 
 TRAIN = "DEPTH = 4  # layers\nLR = 0.01  # learning rate\n"
 

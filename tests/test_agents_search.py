@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from nightlab.config import Config, ConfigError, SearchAgentConfig
-from nightlab.research import agents
-from nightlab.research.agents.base import Context
-from nightlab.research.agents.constants import find_constants, write_constants
-from nightlab.research.agents.search import FAIL_VALUE, SearchProposer, dimension_for, search_space
+from nightlab import agents
+from nightlab.night.proposals import Context
+from nightlab.agents.constants import find_constants, write_constants
+from nightlab.agents.search import FAIL_VALUE, SearchProposer, dimension_for, search_space
 
 SOURCE = '''"""A stand-in train.py."""
 import math

@@ -8,7 +8,7 @@ import pytest
 
 from fixtures.standin.helpers import git as run_git
 from fixtures.standin.helpers import make_lab
-from nightlab.research import git
+from nightlab.night import git
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from nightlab.report import live
-from nightlab.research.store import Store
+from nightlab.night.store import Store
 from test_report import SimulatedNight, simulated_night
 
 ANSI = re.compile(r"\x1b\[")

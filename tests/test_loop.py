@@ -13,11 +13,11 @@ import pytest
 
 from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
 from nightlab.cli import main
-from nightlab.research.agents.base import ProposalError
-from nightlab.research.agents.scripted import ScriptedProposer
-from nightlab.research.experiment import context
-from nightlab.research.loop import run_loop
-from nightlab.research.store import Store
+from nightlab.night.proposals import ProposalError
+from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.proposals import context
+from nightlab.night.scheduler import run_single
+from nightlab.night.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
         _fail,
         _drop_docstring_line,
     ])
-    new = run_loop(lab, proposer, max_experiments=8)
+    new = run_single(lab, proposer, max_experiments=8)
 
     rows = {e.description: e for e in lab.experiments()}
     assert [e.id for e in new] == [e.id for e in lab.experiments()[1:]]
@@ -105,7 +105,7 @@ def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
 def test_a_verdict_says_when_the_runs_ended_in_different_epochs(tmp_path, data_dir):
     lab = open_lab(_lab(tmp_path, lab_toml(baseline_runs=1, confirm_runs=0)), data_dir)
     proposer = ScriptedProposer([constant_step("reads more", "TOKENS", 30_000), constant_step("sharper", "SHARPNESS", 0.95)])
-    more, sharper = run_loop(lab, proposer, max_experiments=2)
+    more, sharper = run_single(lab, proposer, max_experiments=2)
     assert more.epochs == 1.5 and lab.experiments()[0].epochs == 0.05  # 30,000 and 1,000 of 20,000 train tokens
     assert more.status == "discard" and more.reason.endswith(
         "it ended at 1.50 epochs of the train split, its reference at 0.05: on data read more than once, "
@@ -113,13 +113,13 @@ def test_a_verdict_says_when_the_runs_ended_in_different_epochs(tmp_path, data_d
     assert sharper.epochs == 0.05 and "epochs" not in sharper.reason  # both within the first pass
 
 
-def test_the_epoch_note_is_for_runs_that_ended_in_different_epochs():
+def test_theepoch_note_is_for_runs_that_ended_in_different_epochs():
     from types import SimpleNamespace
 
-    from nightlab.research.experiment import _epoch_note
+    from nightlab.night.verdict import epoch_note
 
     def note(ran, ref):
-        return _epoch_note(SimpleNamespace(epochs=ran), SimpleNamespace(epochs=ref))
+        return epoch_note(SimpleNamespace(epochs=ran), SimpleNamespace(epochs=ref))
 
     assert note(2.05, 1.95) == ("; it ended at 2.05 epochs of the train split, its reference at 1.95: on data read "
                                 "more than once, where in an epoch a run ends moves val_bpb too")
@@ -147,7 +147,7 @@ def test_next_proposal_is_prepared_while_the_current_experiment_trains(tmp_path,
         peek_then_edit,
         constant_step("never asked", "NOISE", 0.1),
     ])
-    run_loop(lab, proposer, max_experiments=2)
+    run_single(lab, proposer, max_experiments=2)
     assert seen == [("running", "train")]
     rows = lab.experiments()
     assert [e.description for e in rows] == ["baseline", "sharper", "more noise"]
@@ -168,8 +168,10 @@ def test_stop_ends_after_the_current_experiment(tmp_path, data_dir):
         return constant_step("not run", "NOISE", 0.5)(worktree)
 
     proposer = ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0), stop_while_training])
-    run_loop(lab, proposer, stop=stop)
-    assert [(e.description, e.status) for e in lab.experiments()] == [("baseline", "keep"), ("sharper", "keep")]
+    run_single(lab, proposer, stop=stop)
+    # The proposal that came back while "sharper" trained is kept for --resume, not trained now.
+    assert [(e.description, e.status) for e in lab.experiments()] == [
+        ("baseline", "keep"), ("sharper", "keep"), ("not run", "queued")]
     assert context(lab).best_val_bpb == lab.experiments()[1].val_bpb
 
 
@@ -310,13 +312,13 @@ def test_a_git_killed_in_the_propose_worktree_costs_one_proposal(tmp_path, data_
 
     steps = [edit_then_git_dies, constant_step("sharper again", "SHARPNESS", 1.0),
              constant_step("noisier", "NOISE", 2.0)]
-    run_loop(lab, ScriptedProposer(steps), max_experiments=3)
+    run_single(lab, ScriptedProposer(steps), max_experiments=3)
     rows = [(e.description, e.status) for e in lab.experiments() if e.kind == "experiment"]
     assert rows == [("sharper", "invalid"), ("sharper again", "keep"), ("noisier", "discard")]
 
 
 def test_history_says_where_in_an_epoch_a_run_ended_once_it_repeats_data(tmp_path):
-    from nightlab.research import history
+    from nightlab.night import history
 
     with Store(tmp_path / "store.db") as store:
         first = store.add_experiment("t", description="one pass", status="keep", val_bpb=1.0, epochs=0.62)
@@ -326,7 +328,7 @@ def test_history_says_where_in_an_epoch_a_run_ended_once_it_repeats_data(tmp_pat
 
 
 def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):
-    from nightlab.research import history
+    from nightlab.night import history
 
     with Store(tmp_path / "store.db") as store:
         store.add_experiment("t", kind="baseline", description="baseline", status="keep", val_bpb=1.0)
@@ -345,7 +347,7 @@ def test_history_keeps_every_keep_and_the_newest_rest_within_budget(tmp_path):
 
 
 def test_a_proposal_that_cannot_be_admitted_is_recorded_against_its_agent(tmp_path, monkeypatch):
-    import nightlab.research.loop as loop_module
+    import nightlab.night.scheduler as loop_module
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -354,6 +356,6 @@ def test_a_proposal_that_cannot_be_admitted_is_recorded_against_its_agent(tmp_pa
                        set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
     lab = open_lab(lab_dir, make_dataset(tmp_path / "data"))
     monkeypatch.setattr(loop_module, "admit", full_disk)
-    run_loop(lab, ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]), max_experiments=1)
+    run_single(lab, ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]), max_experiments=1)
     (row,) = [e for e in lab.experiments() if e.kind == "experiment"]
     assert row.status == "invalid" and row.agent == "scripted" and "No space left on device" in row.reason

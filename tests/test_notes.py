@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nightlab.research.notes import Board, agenda_items
+from nightlab.night.notes import Board, agenda_items
 
 AGENDA = """# Agenda
 
@@ -47,7 +47,7 @@ def test_findings_gain_a_line_each_and_files_are_replaced_whole(tmp_path):
 
 
 def test_a_note_with_stray_bytes_is_shown_not_fatal(tmp_path):
-    from nightlab.research.experiment import _notes
+    from nightlab.night.proposals import _notes
 
     (tmp_path / "agenda.md").write_bytes(b"# Agenda\n- try a \xff\xfe wider MLP\n")
     shown = _notes(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 
 from nightlab.config import Config, NotifyConfig
 from nightlab.report import notify
-from nightlab.research.store import Store
+from nightlab.night.store import Store
 from test_report import SimulatedNight, simulated_night
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from nightlab.cli import main
 from nightlab.config import Config, load
-from nightlab.research import org
-from nightlab.research.org import OrgError, parse_role
+from nightlab.agents import org
+from nightlab.agents.org import OrgError, parse_role
 
 TEMPLATE_ORG = Path(org.__file__).resolve().parents[1] / "template" / "org"
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from nightlab.config import RunConfig
-from nightlab.research.policy import judge, noise_width
+from nightlab.night.policy import judge, noise_width
 
 SIGMA = 0.001  # run-to-run noise of the synthetic trainer (val_bpb)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.research import pycache, runner
+from nightlab.trial import processes, pycache, runner
 
 SOURCE = "VALUE = 1  # compiled into the cache\n"
 CHANGED = "VALUE = 2  # only the source says so\n"
@@ -74,13 +74,13 @@ def test_trials_get_the_cache_only_where_it_is_needed(tmp_path: Path, monkeypatc
     from nightlab.config import Config
 
     monkeypatch.setattr(pycache, "needed", lambda module="torch": True)
-    env = runner.train_env(Config(), tmp_path, tmp_path, 0, "cpu", "cpu")
+    env = processes.train_env(Config(), tmp_path, tmp_path, 0, "cpu", "cpu")
     assert env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "home" / "pycache")
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
 
     monkeypatch.setattr(pycache, "needed", lambda module="torch": False)
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
-    env = runner.train_env(Config(), tmp_path, tmp_path, 0, "cpu", "cpu")
+    env = processes.train_env(Config(), tmp_path, tmp_path, 0, "cpu", "cpu")
     assert "PYTHONPYCACHEPREFIX" not in env
     assert pycache.fill() is None and not (tmp_path / "home" / "pycache").exists()
 

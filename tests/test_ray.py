@@ -9,8 +9,8 @@ import pytest
 from fixtures.standin.helpers import (
     STANDIN, constant_step, git, lab_toml, make_dataset, make_lab, open_lab, set_constant,
 )
-from nightlab.research.agents.scripted import ScriptedProposer
-from nightlab.research.scheduler import Researcher, Scheduler
+from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.scheduler import Researcher, Scheduler
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs Ray: pip install 'nightlab[cluster]'")
 
@@ -23,7 +23,7 @@ def local_ray():
 
 @pytest.mark.slow
 def test_trials_run_as_ray_tasks_and_their_files_come_back(tmp_path, local_ray):
-    from nightlab.research.executors import ray_workers
+    from nightlab.night.executors import ray_workers
 
     data_dir = make_dataset(tmp_path / "data")
     lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),

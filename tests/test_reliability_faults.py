@@ -110,10 +110,10 @@ def test_a_kill_between_the_run_row_and_its_branch_is_resumable(tmp_path, data_d
 
     from fixtures.standin.helpers import git, lab_toml, make_lab, open_lab
     from nightlab.config import load
-    from nightlab.research import git as real_git
-    from nightlab.research.experiment import recover
-    from nightlab.research.loop import start_run
-    from nightlab.research.store import Store
+    from nightlab.night import git as real_git
+    from nightlab.night.recovery import recover
+    from nightlab.night.state import start_run
+    from nightlab.night.store import Store
 
     class Killed(BaseException):
         pass
@@ -133,7 +133,7 @@ def test_a_kill_between_the_run_row_and_its_branch_is_resumable(tmp_path, data_d
 
 def test_a_crash_on_a_really_full_disk_says_the_disk_is_full(tmp_path, data_dir):
     from nightlab.config import Config
-    from nightlab.research.runner import run_trial
+    from nightlab.trial.runner import run_trial
     from reliability.standins import train_py
 
     work = tmp_path / "work"

@@ -1,4 +1,4 @@
-"""The trial's confinement (nightlab.research.sandbox): the train-only dataset view, processes that
+"""The trial's confinement (nightlab.trial.sandbox): the train-only dataset view, processes that
 escape the trial's group, the guard around a trial, and the optional bubblewrap sandbox."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from fixtures.standin.helpers import lab_toml, make_dataset, make_lab, open_lab  # noqa: E402
 from nightlab.config import Config, ConfigError  # noqa: E402
-from nightlab.research import sandbox  # noqa: E402
-from nightlab.research.runner import run_trial  # noqa: E402
+from nightlab.trial import sandbox  # noqa: E402
+from nightlab.trial.runner import run_trial  # noqa: E402
 from reliability.gaming import survivors  # noqa: E402
 from reliability.standins import train_py  # noqa: E402
 
@@ -152,8 +152,8 @@ def test_sandbox_setting_is_validated():
 @needs_bwrap
 def test_a_cli_agent_runs_under_bwrap_through_its_command_template(tmp_path):
     from nightlab.config import CliAgentConfig
-    from nightlab.research.agents.base import Context
-    from nightlab.research.agents.cli import CliProposer, render
+    from nightlab.night.proposals import Context
+    from nightlab.agents.cli import CliProposer, render
 
     agent = ROOT / "tests" / "fixtures" / "agents" / "standin_agent.py"
     work = tmp_path / "work"

@@ -20,10 +20,11 @@ from fixtures.standin.helpers import make_lab
 from nightlab.config import Config, dumps
 from nightlab.paths import state_dir
 from nightlab.report import data
-from nightlab.research import git
-from nightlab.research.agents.base import Proposal
-from nightlab.research.experiment import Lab, admit, invalid_proposal
-from nightlab.research.store import Store
+from nightlab.night import git
+from nightlab.night.proposals import Proposal
+from nightlab.night.state import Lab
+from nightlab.night.proposals import admit, invalid_proposal
+from nightlab.night.store import Store
 
 T0 = datetime(2026, 3, 1, 22, 0, tzinfo=timezone.utc)
 TRAIN_S, EVAL_S = 300.0, 24.0
@@ -248,7 +249,7 @@ def test_costs_sum_the_agents_and_count_keeps(night: SimulatedNight) -> None:
 
 
 def test_noise_is_pooled_over_reruns_like_the_policy(night: SimulatedNight) -> None:
-    from nightlab.research import policy
+    from nightlab.night import policy
 
     n = data.load_night(night.lab)
     assert n.noise.policy == "noise" and n.noise.floor == Config().run.noise_floor
@@ -267,7 +268,7 @@ def test_unknown_run_and_empty_lab_name_the_fix(night: SimulatedNight, tmp_path:
 
 def test_a_difference_that_rounds_to_zero_has_no_minus_sign() -> None:
     from nightlab.report.data import fmt_delta
-    from nightlab.research import history
+    from nightlab.night import history
 
     assert fmt_delta(-1e-9) == "+0.000000" and fmt_delta(0.0) == "+0.000000"
     assert fmt_delta(-0.0000126) == "-0.000013" and fmt_delta(0.25) == "+0.250000"

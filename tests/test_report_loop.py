@@ -16,8 +16,8 @@ from nightlab.config import NotifyConfig
 from nightlab.report import data, live
 from nightlab.report.notify import Notifier
 from nightlab.report.write import write_report
-from nightlab.research.agents.scripted import ScriptedProposer
-from nightlab.research.loop import run_loop
+from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.scheduler import run_single
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_a_real_run_reports_watches_and_notifies(tmp_path: Path) -> None:
     try:
         with live.LiveView(lab.store, lab_dir, lab.run.tag, console=Console(file=out)) as view:
             lab.say, lab.on_progress = view.say, view.progress
-            for exp in run_loop(lab, proposer, max_experiments=3):
+            for exp in run_single(lab, proposer, max_experiments=3):
                 notifier.on_finished(exp)
             notifier.on_end()
             snap = view.snapshot()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from nightlab.report import data, plots
-from nightlab.research import git
-from nightlab.research.store import Store
+from nightlab.night import git
+from nightlab.night.store import Store
 from test_report import SimulatedNight, simulated_night
 
 

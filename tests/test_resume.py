@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fixtures.standin.helpers import STANDIN, git, lab_toml, make_dataset, make_lab, open_lab, set_constant
-from nightlab.research.experiment import recover
-from nightlab.research.runner import group_alive
-from nightlab.research.store import Store
+from nightlab.night.recovery import recover
+from nightlab.trial.processes import group_alive
+from nightlab.night.store import Store
 
 SHARPER = {"file": "train.py", "old": "SHARPNESS = 0.5", "new": "SHARPNESS = 1.0"}
 SLOWER = {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 4.0"}
@@ -156,8 +156,8 @@ BEGIN SELECT RAISE(ABORT, 'a measurement before the numbers of its trial'); END;
 
 
 def test_no_kill_leaves_a_verdict_or_a_trial_half_written(tmp_path, data_dir):
-    from nightlab.research.agents.scripted import ScriptedProposer
-    from nightlab.research.loop import run_loop
+    from nightlab.agents.scripted import ScriptedProposer
+    from nightlab.night.scheduler import run_single
 
     from fixtures.standin.helpers import constant_step
 
@@ -166,7 +166,7 @@ def test_no_kill_leaves_a_verdict_or_a_trial_half_written(tmp_path, data_dir):
     lab = open_lab(lab_dir, data_dir)
     lab.store.conn.executescript(HALF_WRITES)
     steps = [constant_step("broken", "MODE", "crash"), constant_step("sharper", "SHARPNESS", 1.0)]
-    run_loop(lab, ScriptedProposer(steps), max_experiments=2)
+    run_single(lab, ScriptedProposer(steps), max_experiments=2)
     rows = lab.experiments()
     assert [(e.description, e.status) for e in rows] == [("baseline", "keep"), ("broken", "crash"), ("sharper", "keep")]
     assert all(e.val_bpb is not None and e.noise is not None for e in (rows[0], rows[2]))
@@ -176,7 +176,8 @@ def test_no_kill_leaves_a_verdict_or_a_trial_half_written(tmp_path, data_dir):
 def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
     import shutil
 
-    from nightlab.research.experiment import measure_baseline, recover
+    from nightlab.night.trials import measure_baseline
+    from nightlab.night.recovery import recover
 
     lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=1, confirm_runs=0),
                        set_constant(STANDIN.read_text(), "SHARPNESS", 0.5))
@@ -199,7 +200,7 @@ def test_best_folder_holds_the_best_and_is_mended_on_resume(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_with_several_devices_stops_the_trials_now_and_resume_finishes_them(tmp_path, data_dir):
-    from nightlab.research.runner import group_alive
+    from nightlab.trial.processes import group_alive
 
     long = {"file": "train.py", "old": "SLEEP_S = 0.0", "new": "SLEEP_S = 120.0"}
     lab_dir = _lab(tmp_path, [{"description": "sharper", "replace": [SHARPER, long]}])

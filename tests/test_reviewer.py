@@ -13,15 +13,17 @@ from llm_server import ScriptedServer, chat, error  # noqa: E402
 
 from fixtures.standin.helpers import constant_step  # noqa: E402
 from nightlab.config import ApiAgentConfig, load  # noqa: E402
-from nightlab.research.agents.api import ApiProposer  # noqa: E402
-from nightlab.research.agents.scripted import ScriptedProposer  # noqa: E402
-from nightlab.research.experiment import Lab, context  # noqa: E402
-from nightlab.research.lead import ApiLead, StatsLead  # noqa: E402
-from nightlab.research.loop import run_loop, start_run  # noqa: E402
-from nightlab.research.notes import Board  # noqa: E402
-from nightlab.research.reviewer import ApiReviewer, RulesReviewer, parse_answer  # noqa: E402
-from nightlab.research.simulate import MemoryGit, SimulatedTrainer, Surface, _masked  # noqa: E402
-from nightlab.research.store import Store  # noqa: E402
+from nightlab.agents.api import ApiProposer  # noqa: E402
+from nightlab.agents.scripted import ScriptedProposer  # noqa: E402
+from nightlab.night.state import Lab# noqa: E402
+from nightlab.night.proposals import context
+from nightlab.agents.lead import ApiLead, StatsLead  # noqa: E402
+from nightlab.night.scheduler import run_single  # noqa: E402
+from nightlab.night.state import start_run
+from nightlab.night.notes import Board  # noqa: E402
+from nightlab.agents.reviewer import ApiReviewer, RulesReviewer, parse_answer  # noqa: E402
+from nightlab.sim.simulate import MemoryGit, SimulatedTrainer, Surface, _masked  # noqa: E402
+from nightlab.night.store import Store  # noqa: E402
 
 SOURCE = "DEPTH = 8  # layers\nASPECT_RATIO = 64  # width\nMATRIX_LR = 0.04  # lr\nWARMUP = 0.5  # share\n"
 KEY_ENV = "NIGHTLAB_TEST_KEY"
@@ -52,7 +54,7 @@ def test_a_vetoed_win_is_discarded_with_its_reason_and_the_best_stays(tmp_path):
     lab = _lab(tmp_path, reviewer=RulesReviewer("reviewer"))
     proposer = ScriptedProposer([_peek_at_validation, constant_step("deeper", "DEPTH", 12),
                                  constant_step("lower lr", "MATRIX_LR", 0.02)])
-    run_loop(lab, proposer, max_experiments=3)
+    run_single(lab, proposer, max_experiments=3)
     base, peek, deeper, _ = lab.experiments()
     assert peek.status == "discard" and peek.reason.startswith("vetoed by reviewer: touches the measurement")
     assert "beats the best beyond the noise" in peek.reason  # what the measurement said is kept too
@@ -63,7 +65,7 @@ def test_a_vetoed_win_is_discarded_with_its_reason_and_the_best_stays(tmp_path):
 
 
 def test_rules_veto_a_bigger_model_and_needless_complexity():
-    from nightlab.research.store import Experiment
+    from nightlab.night.store import Experiment
 
     def row(**kw):
         fields = {f: None for f in Experiment.__dataclass_fields__}
@@ -102,7 +104,7 @@ def test_an_llm_reviewer_reads_the_diff_and_may_veto(tmp_path):
     pytest.importorskip("openai")
     with ScriptedServer([chat("VETO: the schedule change is a bug (warmup of 0)"), error(401)]) as server:
         lab = _lab(tmp_path, reviewer=ApiReviewer(_client(server), "Be strict about schedules.", "critic"))
-        run_loop(lab, ScriptedProposer([constant_step("deeper", "DEPTH", 12),
+        run_single(lab, ScriptedProposer([constant_step("deeper", "DEPTH", 12),
                                         constant_step("lower lr", "MATRIX_LR", 0.02)]), max_experiments=2)
         asked = server.requests[0].body["messages"][-1]["content"]
     deeper, lower = lab.experiments()[1:]
@@ -113,7 +115,7 @@ def test_an_llm_reviewer_reads_the_diff_and_may_veto(tmp_path):
 
 def test_leads_rewrite_the_agenda(tmp_path):
     lab = _lab(tmp_path)
-    run_loop(lab, ScriptedProposer([constant_step("deeper", "DEPTH", 12), constant_step("wider", "ASPECT_RATIO", 128),
+    run_single(lab, ScriptedProposer([constant_step("deeper", "DEPTH", 12), constant_step("wider", "ASPECT_RATIO", 128),
                                     constant_step("warmer", "WARMUP", 0.6)]), max_experiments=3)
     board = Board(lab.dir)
     said = StatsLead()(lab, board)

@@ -10,8 +10,9 @@ import pytest
 
 from fixtures.standin.helpers import STANDIN, make_dataset, set_constant
 from nightlab.config import Config
-from nightlab.research import runner
-from nightlab.research.runner import group_alive, run_trial
+from nightlab.trial import processes, runner
+from nightlab.trial.processes import group_alive
+from nightlab.trial.runner import run_trial
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_an_eval_json_written_by_train_py_itself_is_invalid(tmp_path, data_dir):
 
 
 def test_hard_cap_stops_the_whole_group_even_when_it_ignores_sigterm(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(runner, "TERM_GRACE_S", 0.5)
+    monkeypatch.setattr(processes, "TERM_GRACE_S", 0.5)
     started = time.monotonic()
     pgids: list[int] = []
     run_dir = tmp_path / "run"
@@ -159,7 +160,7 @@ def test_survivors_are_killed_after_a_successful_stage(tmp_path, data_dir):
 
 def test_env_contract_resolves_auto_device_in_the_runner(tmp_path, data_dir):
     config = Config().with_overrides(["lab.device='auto'", "lab.preset='auto'"])
-    env = runner.train_env(config, tmp_path, data_dir, 5, runner.resolve_device("auto"), "cpu")
+    env = processes.train_env(config, tmp_path, data_dir, 5, runner.resolve_device("auto"), "cpu")
     import torch
 
     assert env["NIGHTLAB_DEVICE"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,7 +172,7 @@ def test_env_contract_resolves_auto_device_in_the_runner(tmp_path, data_dir):
 
 def test_train_py_never_sees_an_api_key(monkeypatch, tmp_path):
     from nightlab.config import ApiAgentConfig, Config
-    from nightlab.research.runner import train_env
+    from nightlab.trial.processes import train_env
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-1")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-canary-2")

@@ -14,9 +14,9 @@ from nightlab.config import Config, dumps
 from nightlab.lab.tokenizer import Tokenizer
 from nightlab.paths import state_dir
 from nightlab.report.sample import find_model, sample
-from nightlab.research import git
-from nightlab.research.runner import run_trial
-from nightlab.research.store import Store
+from nightlab.night import git
+from nightlab.trial.runner import run_trial
+from nightlab.night.store import Store
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "src" / "nightlab" / "template" / "train.py"
 SETTINGS = ["lab.budget_s=3", "lab.device='cpu'", "lab.preset='cpu'", "lab.eval_max_tokens=4096",

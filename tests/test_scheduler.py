@@ -14,14 +14,15 @@ from fixtures.standin.helpers import (
     set_constant,
 )
 from nightlab.config import load
-from nightlab.research.agents.scripted import ScriptedProposer
-from nightlab.research.executors import local_workers
-from nightlab.research.experiment import Lab, context
-from nightlab.research.loop import start_run
-from nightlab.research.notes import Board
-from nightlab.research.scheduler import Researcher, Scheduler, Worker
-from nightlab.research.simulate import MemoryGit, SimulatedTrainer, Surface, _masked
-from nightlab.research.store import Store
+from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.executors import local_workers
+from nightlab.night.state import Lab
+from nightlab.night.proposals import context
+from nightlab.night.state import start_run
+from nightlab.night.notes import Board
+from nightlab.night.scheduler import Researcher, Scheduler, Worker
+from nightlab.sim.simulate import MemoryGit, SimulatedTrainer, Surface, _masked
+from nightlab.night.store import Store
 
 SOURCE = "DEPTH = 8  # layers\nASPECT_RATIO = 64  # width\nMATRIX_LR = 0.04  # lr\nWARMUP = 0.5  # share\n"
 
@@ -230,7 +231,7 @@ def test_a_trial_that_edits_the_lab_is_invalid_and_undone_on_the_scheduler_path(
 
 
 def test_an_error_in_one_experiment_ends_that_experiment_not_the_night(tmp_path, monkeypatch):
-    import nightlab.research.scheduler as scheduler_module
+    import nightlab.night.scheduler as scheduler_module
 
     lab = _simulated_lab(tmp_path, seconds=0.05)
     real_start = scheduler_module.start_trial
@@ -281,7 +282,7 @@ def test_an_error_after_a_verdict_is_told_and_the_verdict_stands(tmp_path):
 
 
 def test_a_keep_stays_a_keep_when_its_copy_to_best_fails(tmp_path):
-    from nightlab.research.experiment import measure_baseline
+    from nightlab.night.trials import measure_baseline
 
     lab = _simulated_lab(tmp_path, seconds=0.05)
     said: list[str] = []
@@ -311,7 +312,7 @@ def test_a_proposal_that_cannot_be_prepared_is_invalid_and_the_night_goes_on(tmp
 
 
 def test_a_proposal_that_cannot_be_admitted_is_an_invalid_row_and_the_night_goes_on(tmp_path, monkeypatch):
-    from nightlab.research import scheduler
+    from nightlab.night import scheduler
 
     lab = _simulated_lab(tmp_path, seconds=0.05)
     real_admit, calls = scheduler.admit, []
@@ -332,7 +333,7 @@ def test_a_proposal_that_cannot_be_admitted_is_an_invalid_row_and_the_night_goes
 
 
 def test_an_agent_that_keeps_failing_is_asked_again_later_and_later(tmp_path):
-    from nightlab.research.experiment import measure_baseline
+    from nightlab.night.trials import measure_baseline
 
     lab = _simulated_lab(tmp_path, seconds=0.05)
     measure_baseline(lab)
@@ -391,7 +392,7 @@ def test_baseline_seeds_train_side_by_side_and_experiments_wait_for_its_verdict(
 
 
 def test_a_baseline_that_cannot_train_stops_the_scheduler(tmp_path, data_dir):
-    from nightlab.research.experiment import BaselineError
+    from nightlab.night.trials import BaselineError
 
     lab_dir = make_lab(tmp_path / "lab", lab_toml(baseline_runs=2, confirm_runs=0),
                        set_constant(STANDIN.read_text(), "MODE", "crash"))

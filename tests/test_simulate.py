@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from nightlab.cli import main
-from nightlab.research import simulate
-from nightlab.research.agents.base import Context
-from nightlab.research.simulate import MemoryGit, SimulatedResearcher, Surface, merge3
+from nightlab.sim import simulate
+from nightlab.night.proposals import Context
+from nightlab.sim.simulate import MemoryGit, SimulatedResearcher, Surface, merge3
 
 TEMPLATE_ORG = Path(simulate.__file__).resolve().parents[1] / "template" / "org"
 SOURCE = "DEPTH = 8  # layers\nASPECT_RATIO = 64  # width\nMATRIX_LR = 0.04  # lr\nWARMUP = 0.5  # share\n"

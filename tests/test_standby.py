@@ -17,9 +17,9 @@ import pytest
 
 from fixtures.standin.helpers import STANDIN, constant_step, lab_toml, make_dataset, make_lab, open_lab, set_constant
 from nightlab.config import Config
-from nightlab.research import standby
-from nightlab.research.runner import run_trial
-from nightlab.research.standby import Expected, Standby
+from nightlab.trial import standby
+from nightlab.trial.runner import run_trial
+from nightlab.trial.standby import Expected, Standby
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool, start
         import os, time
         from pathlib import Path
         from nightlab.config import Config
-        from nightlab.research import standby
+        from nightlab.trial import standby
         config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'"])
         held = standby.Standby(Path({str(root)!r}),
                                upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
@@ -192,11 +192,11 @@ def test_the_loop_runs_baseline_seeds_and_proposals_from_standbys(tmp_path, data
     lab_dir = make_lab(tmp_path / "lab", toml, train_py)
     lab = open_lab(lab_dir, data_dir)
     assert lab.config.lab.standby == "on"
-    from nightlab.research.agents.scripted import ScriptedProposer
-    from nightlab.research.loop import run_loop
+    from nightlab.agents.scripted import ScriptedProposer
+    from nightlab.night.scheduler import run_single
 
     proposer = ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0), constant_step("noisier", "NOISE", 2.0)])
-    run_loop(lab, proposer, max_experiments=2)
+    run_single(lab, proposer, max_experiments=2)
     rows = {e.description: e for e in lab.experiments()}
     assert {d: e.status for d, e in rows.items()} == {"baseline": "keep", "sharper": "keep", "noisier": "discard"}, \
         [e.reason for e in rows.values()] + [m.reason for e in rows.values() for m in lab.store.measurements(e.id)]
@@ -217,9 +217,9 @@ def test_the_loop_runs_baseline_seeds_and_proposals_from_standbys(tmp_path, data
 def test_each_scheduler_worker_runs_the_queued_trial_its_standby_holds(tmp_path, data_dir):
     from datetime import datetime
 
-    from nightlab.research.agents.scripted import ScriptedProposer
-    from nightlab.research.executors import local_workers
-    from nightlab.research.scheduler import Researcher, Scheduler
+    from nightlab.agents.scripted import ScriptedProposer
+    from nightlab.night.executors import local_workers
+    from nightlab.night.scheduler import Researcher, Scheduler
 
     train_py = set_constant(STANDIN.read_text(), "SLEEP_S", 1.5)
     toml = lab_toml(allowance_s=30.0, baseline_runs=1, confirm_runs=0).replace("[lab]\n", '[lab]\nstandby = "on"\n', 1)
@@ -258,7 +258,7 @@ def test_a_standby_that_fails_to_start_leaves_the_running_trial_alone(tmp_path, 
 def test_nightlab_run_with_an_org_on_one_device_uses_a_standby(tmp_path, data_dir):
     from fixtures.standin.helpers import RESEARCHER_MD, REVIEWER_MD, make_org_lab
     from nightlab.cli import main
-    from nightlab.research.store import Store
+    from nightlab.night.store import Store
 
     train_py = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.5)
     lab_dir = make_org_lab(tmp_path / "lab", train_py, {"researcher.md": RESEARCHER_MD, "reviewer.md": REVIEWER_MD},

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from nightlab.research.migrations import MIGRATIONS, migrate, schema_version
-from nightlab.research.store import Store
+from nightlab.night.migrations import MIGRATIONS, migrate, schema_version
+from nightlab.night.store import Store
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_runs_are_recorded_once(store):
 
 
 def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path):
-    code = "import sys; from nightlab.research.store import Store; Store(sys.argv[1]).close()"
+    code = "import sys; from nightlab.night.store import Store; Store(sys.argv[1]).close()"
     import subprocess
     import sys
 

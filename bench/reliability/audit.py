@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nightlab.research.store import Store
+from nightlab.night.store import Store
 
 
 @dataclass

@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "tests" / "fixtures" / "agents")]
 
 from fixtures.standin.helpers import git, lab_toml, make_lab, open_lab  # noqa: E402
-from nightlab.research import runner  # noqa: E402
-from nightlab.research.agents.scripted import ScriptedProposer  # noqa: E402
-from nightlab.research.loop import run_loop  # noqa: E402
-from nightlab.research.store import Store  # noqa: E402
+from nightlab.trial import processes  # noqa: E402
+from nightlab.agents.scripted import ScriptedProposer  # noqa: E402
+from nightlab.night.scheduler import run_single  # noqa: E402
+from nightlab.night.store import Store  # noqa: E402
 from reliability.audit import Audit, audit  # noqa: E402
 from reliability.standins import train_py  # noqa: E402
 
@@ -148,8 +148,8 @@ def fault_loop(work: Path, data_dir: Path, lock_s: float = 5.0, tmpfs: bool = Fa
     lab_dir = make_lab(work / "lab", lab_toml(allowance_s=4.0, baseline_runs=1, confirm_runs=0, policy="greedy"),
                        train_py(SHARPNESS=0.5))
     (lab_dir / ".git" / "index.lock").write_text("")  # a git killed in the lab's own checkout long ago
-    saved_grace = runner.TERM_GRACE_S
-    runner.TERM_GRACE_S = 1.0  # time-compressed: the SIGTERM-ignoring child is killed after 1 s, not 10
+    saved_grace = processes.TERM_GRACE_S
+    processes.TERM_GRACE_S = 1.0  # time-compressed: the SIGTERM-ignoring child is killed after 1 s, not 10
     lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: say(f"    {line}"))
     saboteur = Saboteur(lab_dir, lock_s)
     with small_disk(lab_dir / ".nightlab" / "runs") if tmpfs else contextlib.nullcontext(False) as mounted:
@@ -157,11 +157,11 @@ def fault_loop(work: Path, data_dir: Path, lock_s: float = 5.0, tmpfs: bool = Fa
                             "disk: ENOSPC simulated at the checkpoint write (no tmpfs)")
         saboteur.start()
         try:
-            run_loop(lab, ScriptedProposer([_step(*s) for s in FAULT_STEPS]), max_experiments=len(FAULT_STEPS))
+            run_single(lab, ScriptedProposer([_step(*s) for s in FAULT_STEPS]), max_experiments=len(FAULT_STEPS))
         finally:
             saboteur.done.set()
             saboteur.join()
-            runner.TERM_GRACE_S = saved_grace
+            processes.TERM_GRACE_S = saved_grace
         rows = {e.description: e for e in lab.experiments()}
         result.rows = [Row(d, rows[d].status if d in rows else "missing", rows[d].reason if d in rows else "")
                        for d, _, _ in FAULT_STEPS]
@@ -210,7 +210,7 @@ def outage_responses(failed_proposals: int, retries: int) -> tuple[list, list[st
 
 def real_time_s(failed_proposals: int, retries: int, base_delay: float = 1.0, timeout_s: float = 300.0) -> float:
     """How long the same outage lasts at the loop's and the api agent's real delays (lower bound)."""
-    from nightlab.research import loop
+    from nightlab.night import scheduler as loop
 
     backoff = sum(min(loop.MAX_BACKOFF_S, 2.0 ** (k - 1)) for k in range(2, failed_proposals + 1))
     retry_waits = sum(base_delay * 2 ** a * 0.5 for a in range(retries))
@@ -225,8 +225,8 @@ def api_outage(work: Path, data_dir: Path, failed_proposals: int = 15, say=print
 
     from llm_server import ScriptedServer
     from nightlab.config import ApiAgentConfig
-    from nightlab.research import loop
-    from nightlab.research.agents.api import ApiProposer
+    from nightlab.night import scheduler as loop
+    from nightlab.agents.api import ApiProposer
 
     started = time.monotonic()
     retries = 2
@@ -248,7 +248,7 @@ def api_outage(work: Path, data_dir: Path, failed_proposals: int = 15, say=print
                                     timeout_s=0.3, max_retries=retries)
             proposer = ApiProposer(config, environ={KEY_ENV: CANARY}, base_delay=0.001, max_delay=0.01)
             lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: (lines.append(line), say(f"    {line}")))
-            run_loop(lab, proposer, max_experiments=failed_proposals + 1)
+            run_single(lab, proposer, max_experiments=failed_proposals + 1)
             requests = len(server.requests)
             auth = {r.headers.get("authorization", "") for r in server.requests}
     finally:
@@ -271,7 +271,7 @@ def api_outage(work: Path, data_dir: Path, failed_proposals: int = 15, say=print
 def cli_hang(work: Path, data_dir: Path, timeout_s: float = 1.5, say=print) -> FaultRun:
     """A coding-agent CLI that hangs with a child, then one that also ignores SIGTERM."""
     from nightlab.config import CliAgentConfig
-    from nightlab.research.agents.cli import CliProposer
+    from nightlab.agents.cli import CliProposer
 
     started = time.monotonic()
     result = FaultRun()
@@ -283,7 +283,7 @@ def cli_hang(work: Path, data_dir: Path, timeout_s: float = 1.5, say=print) -> F
         evidence = work / f"{mode}.json"
         config = CliAgentConfig(preset="custom", command=f"{sys.executable} {agent} {mode} {evidence} {{prompt_file}}",
                                 timeout_s=timeout_s)
-        run_loop(lab, CliProposer(config, kill_grace_s=0.5), max_experiments=n)
+        run_single(lab, CliProposer(config, kill_grace_s=0.5), max_experiments=n)
         seen = json.loads(evidence.read_text()) if evidence.exists() else {}
         children += [seen.get("pid"), seen.get("child")]
     rows = [e for e in lab.experiments() if e.kind == "experiment"]

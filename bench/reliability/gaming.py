@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
 from fixtures.standin.helpers import lab_toml, make_lab, open_lab  # noqa: E402
-from nightlab.research.agents.base import Proposal, ProposalError  # noqa: E402
-from nightlab.research.loop import run_loop  # noqa: E402
-from nightlab.research.store import Experiment, Store  # noqa: E402
+from nightlab.night.proposals import Proposal, ProposalError# noqa: E402
+from nightlab.night.scheduler import run_single  # noqa: E402
+from nightlab.night.store import Experiment, Store  # noqa: E402
 from reliability.audit import Audit, audit  # noqa: E402
 from reliability.standins import train_py  # noqa: E402
 
@@ -236,7 +236,7 @@ def run_attacks(work: Path, data_dir: Path, attacks: list[Attack] | None = None,
         steps.append((a.name, _step(a.name, text, a.files)))
     proposer = AttackProposer(lab_dir, steps)
     lab = open_lab(lab_dir, data_dir, tag=TAG, say=lambda line: say(f"    {line}"))
-    run_loop(lab, proposer, max_experiments=len(steps))
+    run_single(lab, proposer, max_experiments=len(steps))
     rows = {e.description: e for e in lab.experiments()}
     lab.store.close()
     seen = Seen(lab_dir, rows, rows[HONEST].val_bpb or 0.0, proposer.contexts, before)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
 from fixtures.standin.helpers import lab_toml, make_dataset, make_lab  # noqa: E402
-from nightlab.research.store import Store  # noqa: E402
+from nightlab.night.store import Store  # noqa: E402
 from reliability.audit import Audit, audit, snapshot  # noqa: E402
 from reliability.standins import train_py  # noqa: E402
 

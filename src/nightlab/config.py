@@ -25,6 +25,13 @@ CONFIG_FILE = "nightlab.toml"
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_SEED = 2**31 - 1
 
+# The names a setting may take. The modules that implement them import these, so the config
+# (the lowest layer) validates every section without importing what sits above it.
+AGENTS = ("search", "api", "cli", "scripted")  # nightlab.agents.create
+API_PROVIDERS = ("openai", "anthropic")  # nightlab.agents.api
+CLI_PRESETS = ("claude", "codex", "aider", "gemini", "opencode")  # nightlab.agents.cli.PRESETS
+CLIMBMIX_LAST_SHARD = 6542  # shard_06542.parquet, ClimbMix's pinned validation shard (nightlab.lab.climbmix)
+
 
 class ConfigError(ValueError):
     """A bad setting: the message names the file or flag, the key, and the fix."""
@@ -176,11 +183,6 @@ def _merge(config: Config, tree: dict[str, Any], source: str) -> Config:
 
 
 def validate(config: Config, source: str = "config") -> None:
-    from nightlab.lab.climbmix import LAST_SHARD
-    from nightlab.research.agents import AGENTS
-    from nightlab.research.agents.api import PROVIDERS
-    from nightlab.research.agents.cli import PRESETS
-
     lab, run = config.lab, config.run
 
     def need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -194,7 +196,7 @@ def validate(config: Config, source: str = "config") -> None:
                         ("run.noise_floor", run.noise_floor), ("run.simplicity_tolerance", run.simplicity_tolerance)):
         need(math.isfinite(amount) and amount >= 0, key, amount, "0 or more (a finite number)")
     need(260 <= lab.vocab_size <= 65535, "lab.vocab_size", lab.vocab_size, "between 260 and 65535")
-    need(1 <= lab.num_shards <= LAST_SHARD, "lab.num_shards", lab.num_shards, f"between 1 and {LAST_SHARD}")
+    need(1 <= lab.num_shards <= CLIMBMIX_LAST_SHARD, "lab.num_shards", lab.num_shards, f"between 1 and {CLIMBMIX_LAST_SHARD}")
     need(lab.eval_seq_len >= 2, "lab.eval_seq_len", lab.eval_seq_len, "at least 2 tokens")
     need(lab.eval_max_tokens >= 0, "lab.eval_max_tokens", lab.eval_max_tokens, "0 (the whole split) or more")
     need(0 <= lab.seed <= MAX_SEED, "lab.seed", lab.seed, f"between 0 and {MAX_SEED}")
@@ -209,11 +211,11 @@ def validate(config: Config, source: str = "config") -> None:
     need(run.baseline_runs >= 1, "run.baseline_runs", run.baseline_runs, "at least 1")
     need(run.confirm_runs >= 0, "run.confirm_runs", run.confirm_runs, "0 or more")
     need(run.max_experiments >= 0, "run.max_experiments", run.max_experiments, "0 (no limit) or more")
-    need(config.api.provider in PROVIDERS, "api.provider", config.api.provider, f"one of {', '.join(PROVIDERS)}")
+    need(config.api.provider in API_PROVIDERS, "api.provider", config.api.provider, f"one of {', '.join(API_PROVIDERS)}")
     need(config.api.max_tokens >= 1, "api.max_tokens", config.api.max_tokens, "at least 1")
     need(config.api.max_retries >= 0, "api.max_retries", config.api.max_retries, "0 or more")
-    need(config.cli.preset in PRESETS or bool(config.cli.command.strip()), "cli.preset", config.cli.preset,
-         f"one of {', '.join(PRESETS)} (or set cli.command for another program)")
+    need(config.cli.preset in CLI_PRESETS or bool(config.cli.command.strip()), "cli.preset", config.cli.preset,
+         f"one of {', '.join(CLI_PRESETS)} (or set cli.command for another program)")
     need(set(config.notify.on) <= {"best", "end"}, "notify.on", list(config.notify.on), "a list of best, end")
     need(config.notify.format in ("auto", "json", "ntfy"), "notify.format", config.notify.format,
          "auto, json or ntfy")

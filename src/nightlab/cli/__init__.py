@@ -9,18 +9,16 @@ import argparse
 import sys
 
 from nightlab import __version__
+from nightlab.cli import lab, org, report, research
+from nightlab.cli.common import UserError
 from nightlab.config import ConfigError
+from nightlab.night.git import GitError
+from nightlab.trial.sandbox import SandboxError
 
-GROUPS = ("nightlab.cli.lab", "nightlab.cli.research", "nightlab.cli.report", "nightlab.cli.org")
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
+GROUPS = (lab, research, report, org)  # each registers its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="nightlab",
         description=(
@@ -35,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nightlab {__version__}")
+    parser.set_defaults(main=main)  # for a command made of other commands (nightlab demo)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in GROUPS:
-        importlib.import_module(name).register(sub)
+    for group in GROUPS:
+        group.register(sub)
     return parser
 
 
@@ -49,15 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as e:
-        print(f"nightlab: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a git or sandbox failure the user can act on: one line, not a traceback
-        from nightlab.research.git import GitError
-        from nightlab.research.sandbox import SandboxError
-
-        if not isinstance(e, (GitError, SandboxError)):
-            raise
+    except (UserError, ConfigError, GitError, SandboxError) as e:  # one line the user can act on, no traceback
         print(f"nightlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

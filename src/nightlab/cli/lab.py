@@ -12,6 +12,11 @@ from pathlib import Path
 
 from nightlab import config as cfg
 from nightlab.paths import state_dir
+from nightlab.cli.common import UserError
+from nightlab.lab import datasets
+from nightlab.night.store import Store
+from nightlab.trial import pycache
+from nightlab.trial.runner import run_trial
 
 TEMPLATE_FILES = ("train.py", "program.md")
 GITIGNORE = ".nightlab/\n__pycache__/\n*.pyc\n"
@@ -98,7 +103,6 @@ def nearest_lab() -> Path | None:
 
 def find_lab(start: Path | None) -> Path:
     """The lab folder: ``start`` if given, else the nearest folder above the cwd with nightlab.toml."""
-    from nightlab.cli import UserError
 
     if start is not None:
         if not (start / cfg.CONFIG_FILE).exists():
@@ -119,8 +123,6 @@ def searched_constants(device: str | None) -> tuple[str, ...]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-
     lab_dir: Path = args.dir
     if lab_dir.exists() and not lab_dir.is_dir():
         raise UserError(f"{lab_dir} is a file: choose a new folder for the lab")
@@ -168,10 +170,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.lab import datasets
-    from nightlab.research import pycache
-
     sets = settings(args)  # --dataset, --vocab-size and --num-shards are checked like the lab's settings
     lab_dir = None
     if args.lab is None and args.dataset and nearest_lab() is None:
@@ -209,10 +207,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.lab import datasets
-    from nightlab.research.runner import run_trial
-
     lab_dir = find_lab(args.lab)
     conf = cfg.load(lab_dir, settings(args))
     try:
@@ -261,11 +255,10 @@ DEMO_SETTINGS = (
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """init (once) -> prepare -> run, each through the same commands a user would type."""
-    from nightlab.cli import UserError, main
-
-    lab_dir: Path = args.dir
+    main = args.main  # the whole command line: the demo types what a user would
     if args.experiments < 1:
         raise UserError(f"--experiments {args.experiments}: run at least 1 experiment")
+    lab_dir: Path = args.dir
     if not (lab_dir / cfg.CONFIG_FILE).exists():
         settings = [f"lab.budget_s={args.budget}", *DEMO_SETTINGS]
         if main(["init", str(lab_dir), *(a for s in settings for a in ("--set", s))]):
@@ -283,7 +276,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_experiments(lab_dir: Path) -> int | None:
     """How many experiments the demo run has so far; None before the first demo."""
-    from nightlab.research.store import Store
 
     if not (state_dir(lab_dir) / "store.db").exists():
         return None

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
+from nightlab.agents import org as org_roles
+from nightlab.cli.common import UserError
+from nightlab.lab.session import resolve_device
+from nightlab.night import executors
+from nightlab.night.notes import Board
+from nightlab.night.scheduler import Scheduler
+from nightlab.sim import simulate
 
 CHECKPOINTS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -47,25 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_org_check(args: argparse.Namespace) -> int:
-    from nightlab.research import org
-
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, args.set)
-    found, errors = org.check(lab_dir, config)
+    found, errors = org_roles.check(lab_dir, config)
     for error in errors:
         print(f"error: {error}")
     if found is None:
         return 2
-    source = "program.md alone" if not list((lab_dir / org.ORG_DIR).glob("*.md")) else f"{org.ORG_DIR}/*.md"
+    source = "program.md alone" if not list((lab_dir / org_roles.ORG_DIR).glob("*.md")) else f"{org_roles.ORG_DIR}/*.md"
     print(f"org ({source}): {found.describe()}")
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.research import simulate
-    from nightlab.research.org import OrgError
-
     variants = _variants(args)
     root = args.dir or Path(tempfile.mkdtemp(prefix="nightlab-simulate-"))
     results = []
@@ -78,7 +79,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             result = simulate.run(label, lab_dir, org_dir=org_dir, overrides=[*args.set, *overrides],
                                   experiments=args.experiments, workers=args.workers, seed=args.seed,
                                   surface_seed=args.seed)
-        except (OrgError, cfg.ConfigError) as e:
+        except (org_roles.OrgError, cfg.ConfigError) as e:
             raise UserError(str(e)) from None
         seconds = time.monotonic() - started
         print(f"{label}: {len(result.curve)} experiments in {seconds:.1f} s "
@@ -92,8 +93,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, Path | None, list[str]]]:
-    from nightlab.cli import UserError
-
     orgs: list[Path | None] = list(args.org) or [None]
     policies: list[str | None] = list(args.policy) or [None]
     if len(orgs) > 1 and len(policies) > 1:
@@ -158,28 +157,19 @@ def _plot(results: list, path: Path) -> None:
 
 
 def team_for(lab_dir: Path, config: cfg.Config, args: argparse.Namespace):
-    """The org's agents for ``nightlab run`` (researchers, reviewer, lead), or None when program.md
-    alone runs on one local worker (the plain loop)."""
-    from nightlab.cli import UserError
-    from nightlab.research import org
+    """The org's agents for ``nightlab run``: (researchers, reviewer, lead). With no role files,
+    program.md alone programs one researcher with ``run.agent``."""
 
     try:
-        found = org.load(lab_dir, config)
-        if found.is_default and args.executor == "local" and not args.devices:
-            return None
-        return org.staff(found, config, lab_dir)
-    except org.OrgError as e:
+        return org_roles.staff(org_roles.load(lab_dir, config), config, lab_dir)
+    except org_roles.OrgError as e:
         raise UserError(f"{e} (check with `nightlab org check`)") from None
     except (ValueError, ImportError) as e:
-        raise UserError(f"org: {e}") from None
+        raise UserError(f"agent {config.run.agent!r}: {e}") from None
 
 
 def scheduler_for(lab, team, args: argparse.Namespace):
     """A scheduler for the org's agents on the workers ``--devices`` / ``--executor`` name."""
-    from nightlab.cli import UserError
-    from nightlab.research import executors
-    from nightlab.research.notes import Board
-    from nightlab.research.scheduler import Scheduler
 
     researchers, reviewer, lead = team
     lab.reviewer = reviewer
@@ -189,7 +179,6 @@ def scheduler_for(lab, team, args: argparse.Namespace):
         elif args.devices:
             workers = executors.local_workers(args.devices.split(","))
         else:
-            from nightlab.lab.session import resolve_device
 
             workers = [executors.Worker("local", lab.trainer, device=resolve_device(lab.config.lab.device))]
     except (ValueError, ImportError, ConnectionError) as e:

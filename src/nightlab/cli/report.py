@@ -9,6 +9,13 @@ from pathlib import Path
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
+from nightlab.cli.common import UserError
+from nightlab.lab import datasets
+from nightlab.night.store import Store
+from nightlab.report import export
+from nightlab.report import live
+from nightlab.report.sample import find_model, sample
+from nightlab.report.write import write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,9 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.report.write import write_report
-
     lab_dir = find_lab(args.lab)
     try:
         files = write_report(lab_dir, args.out, args.tag)
@@ -102,10 +106,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.report import live
-    from nightlab.research.store import Store
-
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, args.set)
     with Store.open(lab_dir) as store:
@@ -126,9 +126,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.report.sample import find_model, sample
-
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, args.set)
     try:
@@ -153,9 +150,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _dataset_dir(config: cfg.Config) -> Path:
-    from nightlab.cli import UserError
-    from nightlab.lab import datasets
-
     try:
         return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size, config.lab.num_shards).dir)
     except FileNotFoundError as e:
@@ -163,9 +157,6 @@ def _dataset_dir(config: cfg.Config) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.report import export
-
     lab_dir = find_lab(args.lab)
     try:
         if args.target == "tsv":

@@ -11,14 +11,22 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
 from nightlab.paths import state_dir
-
-if TYPE_CHECKING:
-    from nightlab.research.store import Experiment
+from nightlab.cli.common import UserError
+from nightlab.cli.org import scheduler_for, team_for
+from nightlab.lab import datasets
+from nightlab.night import git
+from nightlab.night.proposals import Proposal, admit
+from nightlab.night.recovery import recover
+from nightlab.night.state import Lab, start_run
+from nightlab.night.store import Experiment, Store
+from nightlab.night.trials import BaselineError, execute, measure_baseline
+from nightlab.report.live import LiveView
+from nightlab.report.notify import Notifier
+from nightlab.trial.runner import run_trial
 
 RESULTS_FILE = "results.tsv"
 LOCK_FILE = "lock"  # in the lab's state folder: held by the one command working on the lab
@@ -85,12 +93,10 @@ def say(line: str) -> None:
 
 def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None, dataset: bool = True):
     """The lab, its settings and (unless ``dataset`` is False) the prepared dataset they name."""
-    from nightlab.cli import UserError
 
     lab_dir = find_lab(args.lab)
     config = cfg.load(lab_dir, [*args.set, *(extra_sets or [])])
     data_dir = _dataset(args, config) if dataset else None
-    from nightlab.research import git
 
     if not git.is_repo(lab_dir):
         raise UserError(f"{lab_dir} is not a git repository; nightlab keeps experiments as commits: `git init`")
@@ -100,7 +106,6 @@ def _setup(args: argparse.Namespace, extra_sets: list[str] | None = None, datase
 
 def _dataset(args: argparse.Namespace, config: cfg.Config) -> Path:
     """The prepared dataset to train on: ``--data``, else the one ``config`` names."""
-    from nightlab.cli import UserError
 
     data_dir = args.data.resolve() if args.data else _prepared_dir(config)
     if not (data_dir / "val.tokens.npy").exists():
@@ -110,7 +115,6 @@ def _dataset(args: argparse.Namespace, config: cfg.Config) -> Path:
 
 def _check_writable(lab_dir: Path) -> None:
     """The lab's state folder must be a folder we can write in; say so in one line if not."""
-    from nightlab.cli import UserError
 
     state = state_dir(lab_dir)
     existed = state.exists()
@@ -130,7 +134,6 @@ def _check_writable(lab_dir: Path) -> None:
 def _holding(lab_dir: Path) -> Iterator[None]:
     """Work on the lab alone: an exclusive lock on ``.nightlab/lock`` for as long as the command runs.
     A second command on the same lab would stop the first one's trials as a killed run's (``recover``)."""
-    from nightlab.cli import UserError
 
     state = state_dir(lab_dir)
     state.mkdir(exist_ok=True)
@@ -150,8 +153,6 @@ def _holding(lab_dir: Path) -> Iterator[None]:
 
 def _check_committed(lab_dir: Path, config: cfg.Config) -> None:
     """A new run starts from HEAD: uncommitted edits of the files it experiments on would be ignored."""
-    from nightlab.cli import UserError
-    from nightlab.research import git
 
     dirty = [p for p in git.changed_files(lab_dir) if p in (*config.lab.allowed_files, cfg.CONFIG_FILE)]
     if dirty:
@@ -161,9 +162,6 @@ def _check_committed(lab_dir: Path, config: cfg.Config) -> None:
 
 
 def _prepared_dir(config: cfg.Config) -> Path:
-    from nightlab.cli import UserError
-    from nightlab.lab import datasets
-
     try:
         return Path(datasets.open_prepared(config.lab.dataset, config.lab.vocab_size, config.lab.num_shards).dir)
     except FileNotFoundError as e:
@@ -171,40 +169,22 @@ def _prepared_dir(config: cfg.Config) -> Path:
 
 
 def _lab(lab_dir, config, data_dir, store, run, verbose):
-    from nightlab.research.experiment import Lab
-
     progress = (lambda line: print(f"    {line}", flush=True)) if verbose else None
     return Lab(lab_dir, config, data_dir, store, run, say=say, on_progress=progress)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.research.agents import create
-    from nightlab.research.experiment import BaselineError
-    from nightlab.research.loop import run_loop, start_run
-    from nightlab.research.store import Store
-
     lab_dir, config, data_dir = _setup(args, [f'run.agent="{args.agent}"'] if args.agent else [])
     if not args.resume:
         _check_committed(lab_dir, config)
-    from nightlab.cli.org import team_for
 
-    team = team_for(lab_dir, config, args)  # None: program.md alone on one worker, the plain loop
-    try:
-        proposer = create(config.run.agent, config, lab_dir) if team is None else team[0][0].proposer
-    except (ValueError, ImportError) as e:
-        raise UserError(f"agent {config.run.agent!r}: {e}") from None
-    from nightlab.report.live import LiveView
-    from nightlab.report.notify import Notifier
+    researchers, reviewer, lead = team_for(lab_dir, config, args)
 
     stop = threading.Event()
     # Workers first: a bad --devices or an unreachable --executor leaves no run behind (nor its branch).
     lab = _lab(lab_dir, config, data_dir, None, None, args.verbose)  # its store and run follow
-    scheduler = None
-    if team is not None:
-        from nightlab.cli.org import scheduler_for
 
-        scheduler = scheduler_for(lab, team, args)
+    scheduler = scheduler_for(lab, (researchers, reviewer, lead), args)
     with _holding(lab_dir), Store.open(lab_dir) as store:
         try:
             run = start_run(lab_dir, store, config, config.run.agent, args.tag or config.run.tag, args.resume)
@@ -217,15 +197,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             lab.say, lab.on_finished = view.say, notifier.on_finished
             shown = lab.on_progress  # --verbose: train.py's lines as well
             lab.on_progress = (lambda line: (shown(line), view.progress(line))) if shown else view.progress
-            view.say(f"run {run.tag} on branch {run.branch} with agent {proposer.name}; Ctrl-C to stop")
+            agents = ", ".join(sorted({r.proposer.name for r in researchers}))
+            view.say(f"run {run.tag} on branch {run.branch} with agent {agents}; Ctrl-C to stop")
             limits = dict(max_experiments=args.max_experiments if args.max_experiments is not None
                           else config.run.max_experiments,
                           hours=args.hours if args.hours is not None else config.run.hours)
             try:
-                if scheduler is None:
-                    run_loop(lab, proposer, stop=stop, **limits)
-                else:
-                    scheduler.run(stop=stop, **limits)
+                scheduler.run(stop=stop, **limits)
             except BaselineError as e:
                 raise UserError(str(e)) from None
             except KeyboardInterrupt:
@@ -283,12 +261,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace, lab_dir: Path, config: cfg.Config, data_dir: Path) -> Experiment:
-    from nightlab.cli import UserError
-    from nightlab.research import git
-    from nightlab.research.agents.base import Proposal
-    from nightlab.research.experiment import BaselineError, admit, execute, measure_baseline, recover
-    from nightlab.research.store import Store
-
     branch = git.current_branch(lab_dir)
     if not branch:
         raise UserError(f"{lab_dir} is on a detached HEAD; check out a branch (e.g. git switch -c nightlab/mytag)")
@@ -323,11 +295,6 @@ def _experiment(args: argparse.Namespace, lab_dir: Path, config: cfg.Config, dat
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from nightlab.cli import UserError
-    from nightlab.research import git
-    from nightlab.research.runner import run_trial
-    from nightlab.research.store import Store
-
     lab_dir, config, _ = _setup(args, dataset=False)  # the dataset is the experiment's run's, found below
     with _holding(lab_dir), Store.open(lab_dir) as store:
         try:

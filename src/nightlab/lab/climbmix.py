@@ -16,11 +16,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nightlab.config import CLIMBMIX_LAST_SHARD
 from nightlab.lab import progress as progress_bars
-from nightlab.lab.shards import TextIndex, file_sha256, sources_hash
+from nightlab.lab.shards import DatasetError, TextIndex, file_sha256, sources_hash
 
 REPO_ID = "karpathy/climbmix-400b-shuffle"
-LAST_SHARD = 6542  # shard_06542.parquet: the pinned validation shard
+LAST_SHARD = CLIMBMIX_LAST_SHARD  # shard_06542.parquet: the pinned validation shard
 DOWNLOAD_WORKERS = 8  # shards fetched at once
 
 SPLIT_RULE = f"validation = shard_{LAST_SHARD:05d}.parquet (the last shard); training = shard_00000 ... shard_(N-1)"
@@ -63,8 +64,6 @@ def download(dest: Path, names: list[str], *, progress: bool = True, workers: in
     """Fetch the named shards into ``dest`` in parallel; returns their paths in the same order."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    from nightlab.lab.datasets import DatasetError
 
     dest.mkdir(parents=True, exist_ok=True)
     missing = [n for n in names if not (dest / n).is_file()]

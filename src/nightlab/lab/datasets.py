@@ -33,8 +33,8 @@ import numpy as np
 from nightlab import paths
 from nightlab.lab import progress as progress_bars
 from nightlab.lab import tokenizer as bpe
-from nightlab.lab import tokens
-from nightlab.lab.shards import INDEX_FILE, TextIndex, iter_text_batches, shard_paths
+from nightlab.lab import climbmix, localtext, pycode, tokens
+from nightlab.lab.shards import INDEX_FILE, DatasetError, TextIndex, iter_text_batches, shard_paths
 
 SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
 MANIFEST_FILE = "manifest.json"
@@ -42,10 +42,6 @@ LOCK_FILE = ".lock"  # held by the prepare at work on the folder
 TEXT_DIR = "text"
 TOKENIZER_FILES = [bpe.TOKENIZER_FILE, bpe.TOKEN_BYTES_FILE]
 TOKEN_FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "docs")]
-
-
-class DatasetError(Exception):
-    """A dataset cannot be built: the message names the input and the fix."""
 
 
 class DatasetNotPrepared(FileNotFoundError):
@@ -177,16 +173,10 @@ def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, 
     shutil.rmtree(text_dir, ignore_errors=True)
     partial.mkdir()
     if spec.kind == "pycode":
-        from nightlab.lab import pycode
-
         index = pycode.build(spec.scope, partial, progress=progress)
     elif spec.kind == "climbmix":
-        from nightlab.lab import climbmix
-
         index = climbmix.build(num_shards, partial, home / "downloads" / "climbmix", progress=progress)
     else:
-        from nightlab.lab import localtext
-
         assert spec.path is not None
         index = localtext.build(spec.path, partial, progress=progress)
     index.save(partial)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nightlab.lab import progress as progress_bars
-from nightlab.lab.shards import ShardWriter, TextIndex, file_sha256, iter_text_batches, sources_hash
+from nightlab.lab.shards import DatasetError, ShardWriter, TextIndex, file_sha256, iter_text_batches, sources_hash
 
 SUFFIXES = (".parquet", ".jsonl", ".txt")
 VAL_PREFIX = "val"
@@ -43,8 +43,6 @@ def is_val_document(text: str) -> bool:
 
 def read_documents(path: Path) -> Iterator[list[str]]:
     """Batches of the non-empty documents of one file."""
-    from nightlab.lab.datasets import DatasetError
-
     if path.suffix == ".parquet":
         yield from iter_text_batches([path])
     elif path.suffix == ".jsonl":
@@ -73,8 +71,6 @@ def read_documents(path: Path) -> Iterator[list[str]]:
 
 def build(folder: Path, text_dir: Path, *, progress: bool = True) -> TextIndex:
     """Write the folder's documents into train/val text shards under ``text_dir``."""
-    from nightlab.lab.datasets import DatasetError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"local:{folder}: no such folder; give a folder of .parquet, .jsonl or .txt files")

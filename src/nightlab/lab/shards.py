@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+
+class DatasetError(Exception):
+    """A dataset cannot be built: the message names the input and the fix."""
+
 ROWS_PER_GROUP = 1024  # documents per Parquet row group
 SHARD_CHARS = 256_000_000  # a shard rolls over after about this many characters
 

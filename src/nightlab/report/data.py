@@ -17,8 +17,8 @@ from pathlib import Path
 
 from nightlab.config import RunConfig
 from nightlab.paths import state_dir
-from nightlab.research import git, policy
-from nightlab.research.store import FINISHED, Experiment, Measurement, Run, Store
+from nightlab.night import git, policy
+from nightlab.night.store import FINISHED, Experiment, Measurement, Run, Store
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nightlab.paths import state_dir
 from nightlab.report.data import Night, Row, load_night
-from nightlab.research.store import Store
+from nightlab.night.store import Store
 
 RESULTS_FILE = "results.tsv"
 MLFLOW_DB = "mlflow.db"

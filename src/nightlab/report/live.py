@@ -23,7 +23,7 @@ from typing import Any
 
 from nightlab.paths import state_dir
 from nightlab.report.data import fmt_delta, fmt_seconds, fmt_val, parse_time, pick_run
-from nightlab.research.store import Experiment, Store
+from nightlab.night.store import Experiment, Store
 
 LEADERBOARD = 5
 EVENTS = 8

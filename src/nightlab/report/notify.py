@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from nightlab.config import NotifyConfig
 from nightlab.report.data import fmt_delta, fmt_val, load_night
-from nightlab.research.store import Experiment, Store
+from nightlab.night.store import Experiment, Store
 
 TIMEOUT_S = 10.0
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightlab.paths import state_dir
-from nightlab.research import git
-from nightlab.research.store import Experiment, Store
+from nightlab.night import git
+from nightlab.night.store import Experiment, Store
 
 WEIGHTS_FILE = "model.pt"
 BEST_DIR = "best"

@@ -16,7 +16,7 @@ from nightlab.report import plots
 from nightlab.report.data import Night, load_night
 from nightlab.report.html import render_html
 from nightlab.report.markdown import render_markdown
-from nightlab.research.store import Store
+from nightlab.night.store import Store
 
 REPORT_DIR = "report"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import ConfigError, SearchAgentConfig
-from nightlab.research.agents.base import Context, Proposal, ProposalError
-from nightlab.research.agents.constants import Constant, find_constants, format_value, write_constants
+from nightlab.night.proposals import Context, Proposal, ProposalError
+from nightlab.agents.constants import Constant, find_constants, format_value, write_constants
 
 TARGET = "train.py"
 FAIL_VALUE = 100.0  # told for failed trials; val_bpb is around 1

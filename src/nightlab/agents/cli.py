@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightlab.config import CliAgentConfig, ConfigError
-from nightlab.research.agents.base import Context, Proposal, ProposalError
-from nightlab.research.prompt import build_prompt
+from nightlab.night.proposals import Context, Proposal, ProposalError
+from nightlab.agents.prompt import build_prompt
 
 DESCRIPTION_FILE = "DESCRIPTION"
 ON_STDIN = "Follow the instructions on standard input."

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from nightlab.config import Config
 from nightlab.lab.session import ENV_GATE, ENV_RUNNER, GATE_GO, GATE_READY
-from nightlab.research import sandbox
+from nightlab.trial import sandbox
+from nightlab.trial.processes import launch, stop_group, train_env
 
 MAX_USED_SHARE = 0.45  # start a standby only while at most this share of the GPU's memory is in use
 START_AT = 0.25  # share of the current trial's budget after which the standby starts
@@ -124,8 +125,6 @@ class Standby:
                 target.write_bytes(data)
             out.mkdir(parents=True)
             gate.mkdir(parents=True)
-            from nightlab.research.runner import launch, train_env
-
             view = sandbox.train_view(data_dir, out)
             env = {**train_env(config, out, view, expected.seed, device, preset), **extra_env,
                    ENV_GATE: str(gate), ENV_RUNNER: str(os.getpid())}
@@ -188,28 +187,6 @@ def reap(root: Path) -> list[str]:
     return killed
 
 
-def equip(lab, trainer, device: str, worker: str):
-    """``(trainer, standby)`` for a worker on this machine: the trainer with a standby bound to it
-    where ``lab.standby`` allows one on ``device``, else the trainer as it is and None."""
-    import functools
-
-    from nightlab.paths import state_dir
-    from nightlab.research.experiment import runs_processes
-
-    if not runs_processes(trainer) or not enabled(lab.config, device):
-        return trainer, None
-    held = Standby(state_dir(lab.dir) / "standby" / worker)
-    return functools.partial(trainer, standby=held), held
-
-
-def attach(lab) -> None:
-    """Give the plain loop's one local worker a standby, where ``lab.standby`` allows it."""
-    from nightlab.lab.session import resolve_device
-
-    if lab.standby is None:
-        lab.trainer, lab.standby = equip(lab, lab.trainer, resolve_device(lab.config.lab.device), lab.worker)
-
-
 def has_room(device: str, env: dict[str, str]) -> bool:
     """Whether ``device`` can hold a second training process: always on the CPU; on a GPU while at
     most ``MAX_USED_SHARE`` of its memory is in use (False when ``nvidia-smi`` cannot tell)."""
@@ -235,8 +212,6 @@ def _read(path: Path) -> bytes | None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    from nightlab.research.runner import stop_group
-
     stop_group(proc.pid, grace_s=2.0)
     proc.wait()
 
@@ -244,10 +219,3 @@ def _stop(proc: subprocess.Popen) -> None:
 def files_in(folder: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     """The allowed files ``names`` as they are in ``folder`` (absent ones left out)."""
     return {name: data for name in names if (data := _read(Path(folder) / name)) is not None}
-
-
-def files_at(repo: Path, commit: str, names: tuple[str, ...]) -> dict[str, bytes]:
-    """The allowed files ``names`` at ``commit``, byte for byte (absent ones left out)."""
-    from nightlab.research import git
-
-    return {name: data for name in names if (data := git.read_bytes(repo, commit, name)) is not None}

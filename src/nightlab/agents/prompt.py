@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nightlab.research.agents.base import Context
+from nightlab.night.proposals import Context
 
 SYSTEM = (
     "You are a researcher in nightlab, a lab that pretrains a small language model for a fixed "

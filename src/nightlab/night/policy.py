@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from nightlab.config import RunConfig
 
+CONFLICT = "conflict:"  # reason of a stale win that no longer applies on the best: back to its author
+
 KEEP_Z = 3.0  # standard errors of the difference a change must win by (one-sided false keep ~0.1 %)
 SCREEN_Z = 0.0  # a first run better than the best by this many standard errors earns confirmation runs
 

@@ -35,20 +35,26 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
+from pathlib import Path
 
-from nightlab.research.agents.base import Proposal, ProposalError, Proposer
-from nightlab.research.experiment import (
-    BaselineError, Lab, Trainer, Trial, admit, baseline_row, baseline_trials, conclude, context, finish_baseline,
-    invalid_proposal, next_trial, observe, record_trial, recover, runs_processes, start_trial,
+from nightlab.lab.session import resolve_device
+from nightlab.night.notes import Board
+from nightlab.night.proposals import Proposal, ProposalError, Proposer, admit, context, invalid_proposal, observe
+from nightlab.night.recovery import recover
+from nightlab.night.state import Lab, Trainer
+from nightlab.night.store import Experiment, Store, now
+from nightlab.night.trials import (
+    BaselineError, Trial, baseline_row, baseline_trials, finish_baseline, next_trial, record_trial, start_trial,
 )
-from nightlab.research import sandbox, standby
-from nightlab.research.loop import MAX_BACKOFF_S, close_agent
-from nightlab.research.notes import Board
-from nightlab.research.runner import TrialResult, stop_group
-from nightlab.research.store import Experiment, Store, now
+from nightlab.night.verdict import conclude, rebase
+from nightlab.paths import state_dir
+from nightlab.trial import sandbox, standby
+from nightlab.trial.processes import stop_group
+from nightlab.trial.runner import TrialResult, runs_processes
 
 POLL_S = 0.2
+MAX_BACKOFF_S = 60.0  # waiting after consecutive agent failures grows to this
 
 
 @dataclass
@@ -74,6 +80,38 @@ class Worker:
     standby: standby.Standby | None = None  # starts the trial this worker is expected to take next
 
 
+class Lead(Protocol):
+    """Every ``every`` experiments, reads the results and rewrites the agenda; returns one line to tell."""
+
+    every: int
+
+    def __call__(self, lab: Lab, board: Board) -> str: ...
+
+
+@dataclass(frozen=True)
+class Proposed:
+    """A researcher's proposal thread is done: ``outcome`` is its Proposal, or the exception it raised."""
+
+    researcher: Researcher
+    parent: str
+    work: Path
+    claim: str
+    outcome: Proposal | BaseException
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A worker's trial is done: ``future`` holds its ``TrialResult`` (or the executor's exception)."""
+
+    worker: Worker
+    exp_id: int
+    trial: Trial
+    future: Future
+
+
+Event = Proposed | Trained
+
+
 @dataclass
 class Tally:
     """What a scheduler run did: for the log, the benchmark, and the check that nothing is lost."""
@@ -89,7 +127,7 @@ class Tally:
 
 class Scheduler:
     def __init__(self, lab: Lab, researchers: list[Researcher], workers: list[Worker], *,
-                 board: Board | None = None, lead: Callable[[Lab, Board], str] | None = None,
+                 board: Board | None = None, lead: Lead | None = None,
                  lookahead: int | None = None) -> None:
         if not researchers or not workers:
             raise ValueError("a scheduler needs at least one researcher and one worker")
@@ -158,7 +196,7 @@ class Scheduler:
                         try:
                             self._start(worker, exp_id, trial)
                         except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
-                            self._failed(("trial", worker, exp_id, trial, None), e)
+                            self._failed(Trained(worker, exp_id, trial, Future()), e)
                 while more() and len(self.ready) + self.asked < len(self.idle) + self.lookahead:
                     researcher = self._free_researcher()
                     if researcher is None:
@@ -213,8 +251,10 @@ class Scheduler:
         """``worker`` with a standby where ``lab.standby`` allows one on its device."""
         if worker.standby is not None or not worker.device:
             return worker
-        trainer, held = standby.equip(lab, worker.trainer, worker.device, worker.name)
-        return dataclasses.replace(worker, trainer=trainer, standby=held)
+        if not runs_processes(worker.trainer) or not standby.enabled(lab.config, worker.device):
+            return worker
+        held = standby.Standby(state_dir(lab.dir) / "standby" / worker.name)
+        return dataclasses.replace(worker, trainer=functools.partial(worker.trainer, standby=held), standby=held)
 
     def _expected(self, worker: Worker) -> standby.Expected | None:
         """The queued trial ``worker`` will probably take next: the first no other standby holds.
@@ -222,7 +262,8 @@ class Scheduler:
         held = {w.standby.key for w in self.workers if w is not worker and w.standby is not None}
         for exp_id, trial in list(self.ready):
             if (exp_id, trial.seed) not in held and self._may_start((exp_id, trial)):
-                files = standby.files_at(self.lab.dir, trial.commit, self.lab.config.lab.allowed_files)
+                names = self.lab.config.lab.allowed_files
+                files = {n: data for n in names if (data := self.lab.git.read_bytes(self.lab.dir, trial.commit, n)) is not None}
                 return standby.Expected(files, trial.seed, key=(exp_id, trial.seed))
         return None
 
@@ -247,14 +288,14 @@ class Scheduler:
             if exp.pgid:
                 stop_group(exp.pgid)
 
-    def _failed(self, event: tuple, error: Exception) -> None:
+    def _failed(self, event: Event, error: Exception) -> None:
         """Record an unexpected error of one event: its experiment crashes (unless its verdict was
         already recorded: that stands), its worker is free again."""
         reason = f"nightlab error: {type(error).__name__}: {error}"
-        self.lab.say(f"{event[0]} failed: {reason}")
-        if event[0] == "trial":
-            worker, exp_id = event[1], event[2]
-            self.guards.pop((exp_id, event[3].seed), None)
+        self.lab.say(f"{'trial' if isinstance(event, Trained) else 'proposal'} failed: {reason}")
+        if isinstance(event, Trained):
+            worker, exp_id = event.worker, event.exp_id
+            self.guards.pop((exp_id, event.trial.seed), None)
             self.in_flight.pop(worker.name, None)
             if worker not in self.idle:
                 self.idle.append(worker)
@@ -268,12 +309,11 @@ class Scheduler:
             if self.lab.on_finished:
                 self.lab.on_finished(exp)
 
-    def _handle(self, event: tuple) -> None:
-        kind = event[0]
-        if kind == "proposal":
-            self._proposed(*event[1:])
-        elif kind == "trial":
-            self._trained(*event[1:])
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Proposed):
+            self._proposed(event)
+        else:
+            self._trained(event)
 
     def _record_stage(self, exp_id: int, stage: str, pgid: int) -> None:
         """On the worker's thread, as a trial's process starts: its process group goes into the store
@@ -312,10 +352,10 @@ class Scheduler:
 
         def propose() -> None:
             try:
-                outcome: Any = researcher.proposer.propose(ctx, work)
+                outcome: Proposal | BaseException = researcher.proposer.propose(ctx, work)
             except Exception as e:  # noqa: BLE001 -- an agent failure of any kind is recorded, never fatal
                 outcome = e
-            self.events.put(("proposal", researcher, parent, work, claim, outcome))
+            self.events.put(Proposed(researcher, parent, work, claim, outcome))
 
         if researcher.inbox is None:  # one daemon thread per researcher: a thinking agent never blocks exit
             researcher.inbox = queue.Queue()
@@ -323,8 +363,9 @@ class Scheduler:
                              name=f"nightlab-propose-{researcher.name}").start()
         researcher.inbox.put(propose)
 
-    def _proposed(self, researcher: Researcher, parent: str, work, claim: str, outcome: Any) -> None:
+    def _proposed(self, event: Proposed) -> None:
         lab = self.lab
+        researcher, parent, work, claim, outcome = event.researcher, event.parent, event.work, event.claim, event.outcome
         researcher.busy = False
         self.asked -= 1
         self.tally.proposals += 1
@@ -389,10 +430,11 @@ class Scheduler:
             worker.trainer, work, run_dir, lab.config, trial.seed, data_dir=lab.data_dir, on_progress=on_progress,
             on_stage=lambda stage, pgid: self._record_stage(exp_id, stage, pgid),
         )
-        future.add_done_callback(lambda f: self.events.put(("trial", worker, exp_id, trial, f)))
+        future.add_done_callback(lambda f: self.events.put(Trained(worker, exp_id, trial, f)))
 
-    def _trained(self, worker: Worker, exp_id: int, trial: Trial, future: Future) -> None:
+    def _trained(self, event: Trained) -> None:
         lab = self.lab
+        worker, exp_id, trial, future = event.worker, event.exp_id, event.trial, event.future
         self.idle.append(worker)
         self.in_flight.pop(worker.name, None)
         self.tally.trials += 1
@@ -465,6 +507,8 @@ class Scheduler:
             researcher.outcomes.append((proposal, exp))
             self.board.release(researcher.name)  # a re-applied change runs on without a claim
         self.done.append(exp)
+        if exp.status == "keep":
+            self._rebase_queued()
         # The verdict is recorded: what follows (notes, notifications, the lead) may fail, never change it.
         if exp.status == "keep" and exp.val_bpb is not None:
             line = f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}"
@@ -473,9 +517,18 @@ class Scheduler:
             self._after(f"#{exp.id}: telling of its verdict", lambda: lab.on_finished(exp))
         if self.lead is not None and exp.kind == "experiment":
             self.since_lead += 1
-            if self.since_lead >= getattr(self.lead, "every", 10):
+            if self.since_lead >= self.lead.every:
                 self.since_lead = 0
                 self._after("lead", lambda: lab.say(f"lead: {self.lead(lab, self.board)}"))
+
+    def _rebase_queued(self) -> None:
+        """The best moved: queued experiments that have not trained yet go on top of it."""
+        for i, (exp_id, trial) in enumerate(self.ready):
+            if trial.kind != "first" or exp_id in self.begun:
+                continue
+            exp = rebase(self.lab, self.lab.store.get(exp_id))
+            if exp.commit_sha != trial.commit:
+                self.ready[i] = (exp_id, dataclasses.replace(trial, commit=exp.commit_sha or ""))
 
     def _after(self, what: str, work: Callable[[], object]) -> None:
         """Run work that follows a verdict; an error in it is told, and the night goes on."""
@@ -488,3 +541,21 @@ class Scheduler:
 def _serve(inbox: queue.Queue) -> None:
     while True:
         inbox.get()()
+
+
+def close_agent(proposer: Proposer) -> None:
+    """Stop what ``proposer`` still runs (a CLI agent's process group) once the night is over: the
+    thread that waits for it dies with the interpreter, and the agent would edit on unwatched."""
+    close = getattr(proposer, "close", None)
+    if close is not None:
+        close()
+
+
+def run_single(lab: Lab, proposer: Proposer, *, max_experiments: int = 0, hours: float = 0.0,
+               stop: threading.Event | None = None) -> list[Experiment]:
+    """``program.md``'s one researcher on the lab's one local worker (``lab.trainer`` on
+    ``lab.config.lab.device``): the scheduler with one of each. Returns the experiments it finished."""
+    device = resolve_device(lab.config.lab.device) if runs_processes(lab.trainer) else ""
+    worker = Worker(lab.worker, lab.trainer, device=device)
+    return Scheduler(lab, [Researcher(proposer.name, proposer)], [worker]).run(
+        max_experiments=max_experiments, hours=hours, stop=stop)

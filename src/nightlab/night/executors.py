@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import Config
-from nightlab.research.runner import TrialResult, run_trial
-from nightlab.research.scheduler import Worker
+from nightlab.trial.runner import TrialResult, run_trial
+from nightlab.night.scheduler import Worker
 
 MAX_RETURNED_BYTES = 4 << 30  # a run folder bigger than this is not sent back (the weights stay on the node)
 

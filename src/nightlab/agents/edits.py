@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightlab.research.agents.base import ProposalError
+from nightlab.night.proposals import ProposalError
 
 REPLY_FORMAT = """Reply in exactly this format and nothing else matters:
 

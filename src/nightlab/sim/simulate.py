@@ -8,7 +8,7 @@ Three stand-ins replace what is slow, and nothing else is faked:
   runs), plus a fixed random effect for any edit that is not a constant. Constants far from their
   optimum crash now and then (out of memory, NaN). The same code and seed always give the same
   value, as deterministic training would. It plugs in at the runner seam (``Lab.trainer``).
-- ``MemoryGit``: the functions of ``nightlab.research.git`` that the loop uses, over commits held
+- ``MemoryGit``: the functions of ``nightlab.night.git`` that the loop uses, over commits held
   in memory (worktrees stay real folders, so proposers edit files as they would in a lab).
 - ``SimulatedResearcher``: a proposer that edits constants as a cautious researcher would: one
   constant at a time (the claimed agenda item's when it names one), a step up or down, learning
@@ -32,13 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nightlab.config import Config
+from nightlab.agents import lead as lead_mod
+from nightlab.agents import org as org_mod
+from nightlab.agents import reviewer as reviewer_mod
+from nightlab.agents.search import SearchProposer
+from nightlab.config import Config, load
+from nightlab.night.notes import Board
+from nightlab.night.scheduler import Researcher, Scheduler, Worker
+from nightlab.night.state import Lab, start_run
+from nightlab.night.store import Store
 from nightlab.paths import state_dir
-from nightlab.research import git as real_git
-from nightlab.research.agents.base import Context, Proposal, ProposalError
-from nightlab.research.agents.constants import find_constants, format_value, write_constants
-from nightlab.research.agents.search import dimension_for
-from nightlab.research.runner import TrialResult
+from nightlab.night import git as real_git
+from nightlab.night.proposals import Context, Proposal, ProposalError
+from nightlab.agents.constants import find_constants, format_value, write_constants
+from nightlab.agents.search import dimension_for
+from nightlab.trial.runner import TrialResult
 
 TARGET = "train.py"
 SEED_NOISE = 0.001  # val_bpb standard deviation from the seed alone, as measured on real runs
@@ -182,7 +190,7 @@ class _Commit:
 class MemoryGit:
     """The loop's git functions over in-memory commits; worktrees are real folders.
 
-    Methods take the same arguments as ``nightlab.research.git``'s functions, so ``Lab.git`` can
+    Methods take the same arguments as ``nightlab.night.git``'s functions, so ``Lab.git`` can
     be either. Commits hold the lab's tracked text files; ids are hex digests like git's.
     """
 
@@ -466,16 +474,6 @@ def run(label: str, lab_dir: Path, *, org_dir: Path | None = None, overrides: Se
     """Simulate a night of ``experiments`` in a fresh lab at ``lab_dir`` with the org in ``org_dir``
     (None: program.md alone) on ``workers`` simulated GPUs, with the real store, policy, scheduler
     and org. LLM backends are played by ``SimulatedResearcher`` and the rules reviewer/stats lead."""
-    from nightlab.config import load
-    from nightlab.research import lead as lead_mod
-    from nightlab.research import org as org_mod
-    from nightlab.research import reviewer as reviewer_mod
-    from nightlab.research.experiment import Lab
-    from nightlab.research.loop import start_run
-    from nightlab.research.notes import Board
-    from nightlab.research.scheduler import Researcher, Scheduler, Worker
-    from nightlab.research.store import Store
-
     make_lab(lab_dir, org_dir)
     config = load(lab_dir, [*overrides, f"lab.seed={seed}"])
     org = org_mod.load(lab_dir, config)
@@ -506,8 +504,6 @@ def run(label: str, lab_dir: Path, *, org_dir: Path | None = None, overrides: Se
 
 def _proposer(backend: str, name: str, config: Config, seed: int) -> Any:
     if backend == "search":
-        from nightlab.research.agents.search import SearchProposer
-
         return SearchProposer(config.search, storage=None, seed=seed)  # in memory: a simulation keeps nothing
     return SimulatedResearcher(name=name, seed=seed)
 

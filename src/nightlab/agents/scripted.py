@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from nightlab.research.agents.base import Context, Proposal, ProposalError
+from nightlab.night.proposals import Context, Proposal, ProposalError
 
 Step = Union[Callable[[Path], str], tuple[str, dict[str, str]]]
 

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nightlab import agents
+from nightlab.agents.api import ApiProposer
+from nightlab.agents.lead import ApiLead, StatsLead
+from nightlab.agents.reviewer import ApiReviewer, RulesReviewer
 from nightlab.config import Config
+from nightlab.night.scheduler import Lead, Researcher
+from nightlab.night.state import Reviewer
 
 ORG_DIR = "org"
 KINDS = ("researcher", "reviewer", "lead")
@@ -229,22 +235,33 @@ def role_config(role: Role, config: Config) -> Config:
     return config
 
 
-def staff(org: Org, config: Config, lab_dir: Path) -> tuple[list[Any], Any, Any]:
+def staff(org: Org, config: Config, lab_dir: Path) -> tuple[list[Researcher], Reviewer | None, Lead | None]:
     """The agents of ``org``: (scheduler researchers, the reviewer or None, the lead or None)."""
-    from nightlab.research import agents, lead, reviewer
-    from nightlab.research.scheduler import Researcher
-
     program = (Path(lab_dir) / "program.md").read_text() if (Path(lab_dir) / "program.md").exists() else ""
     researchers = []
     for role in org.researchers:
+        if role.backend == "simulated":
+            raise OrgError(f"{_where(role)}: backend 'simulated' plays a researcher in `nightlab simulate` only; "
+                           f"choose one of {', '.join(agents.AGENTS)} for nightlab run")
         for name in role.instances():
-            if role.backend == "simulated":
-                from nightlab.research.simulate import SimulatedResearcher
-
-                proposer: Any = SimulatedResearcher(name=name, seed=config.lab.seed + len(researchers))
-            else:
-                proposer = agents.create(role.backend, role_config(role, config), lab_dir)
+            proposer = agents.create(role.backend, role_config(role, config), lab_dir)
             researchers.append(Researcher(name, proposer, brief(role, program), role.edits))
-    judge = reviewer.create(org.reviewer, config) if org.reviewer else None
-    leader = lead.create(org.lead, config) if org.lead else None
-    return researchers, judge, leader
+    return researchers, _reviewer(org.reviewer, config), _lead(org.lead, config)
+
+
+def _reviewer(role: Role | None, config: Config) -> Reviewer | None:
+    """The reviewer a role file describes (``Lab.reviewer``)."""
+    if role is None:
+        return None
+    if role.backend == "rules":
+        return RulesReviewer(role.name)
+    return ApiReviewer(ApiProposer(role_config(role, config).api), role.instructions, role.name)
+
+
+def _lead(role: Role | None, config: Config) -> Lead | None:
+    """The lead a role file describes: a callable ``(lab, board) -> one line`` with ``every``."""
+    if role is None:
+        return None
+    if role.backend == "stats":
+        return StatsLead(role.name, role.every)
+    return ApiLead(ApiProposer(role_config(role, config).api), role.instructions, role.name, role.every)

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nightlab.config import ApiAgentConfig, ConfigError
-from nightlab.research.agents import pricing
-from nightlab.research.agents.base import Context, Proposal, ProposalError
-from nightlab.research.agents.edits import REPLY_FORMAT, apply_edits, parse_reply
-from nightlab.research.prompt import Prompt, build_prompt
+from nightlab.config import API_PROVIDERS, ApiAgentConfig, ConfigError
+from nightlab.agents import pricing
+from nightlab.night.proposals import Context, Proposal, ProposalError
+from nightlab.agents.edits import REPLY_FORMAT, apply_edits, parse_reply
+from nightlab.agents.prompt import Prompt, build_prompt
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("openai", "anthropic")
+PROVIDERS = API_PROVIDERS
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 NO_KEY = "no-key"  # sent to local servers that need none (the SDK insists on some key)

@@ -15,16 +15,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from nightlab.config import Config
-from nightlab.research import history
-from nightlab.research.agents.constants import find_constants
-from nightlab.research.agents.search import dimension_for
-from nightlab.research.experiment import Lab
-from nightlab.research.notes import AGENDA, FINDINGS, Board
-from nightlab.research.org import Role, role_config
-from nightlab.research.policy import signed
-from nightlab.research.prompt import Prompt
-from nightlab.research.store import FINISHED
+from nightlab.night import history
+from nightlab.agents.constants import find_constants
+from nightlab.agents.search import dimension_for
+from nightlab.night.state import Lab
+from nightlab.night.notes import AGENDA, FINDINGS, Board
+from nightlab.night.policy import signed
+from nightlab.agents.prompt import Prompt
+from nightlab.night.store import FINISHED
 
 RECENT = 300  # experiments the stats lead looks back over
 ITEMS = 8  # agenda items it writes
@@ -140,12 +138,3 @@ class ApiLead:
             text = text.strip("`").partition("\n")[2]
         board.write_agenda(text)
         return f"agenda rewritten by {self.name}"
-
-
-def create(role: Role, config: Config) -> Any:
-    """The lead a role file describes: a callable ``(lab, board) -> one line`` with ``every``."""
-    if role.backend == "stats":
-        return StatsLead(role.name, role.every)
-    from nightlab.research.agents.api import ApiProposer
-
-    return ApiLead(ApiProposer(role_config(role, config).api), role.instructions, role.name, role.every)

@@ -18,11 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nightlab.config import Config
-from nightlab.research.experiment import Lab, Review
-from nightlab.research.org import Role, role_config
-from nightlab.research.prompt import Prompt
-from nightlab.research.store import Experiment
+from nightlab.night.state import Lab, Review
+from nightlab.agents.prompt import Prompt
+from nightlab.night.store import Experiment
 
 METRIC_PATTERNS = (  # added lines matching these touch the judge, not the model
     r"val\.(tokens|docs)\.npy", r"\beval\.json\b", r"nightlab\.lab\.evaluate", r"\bval_bpb\b\s*=",
@@ -102,12 +100,3 @@ def parse_answer(reply: str, name: str) -> Review:
         if match:
             return Review(match.group(1).upper() == "APPROVE", match.group(2).strip(" *`") or "(no reason)", name)
     return Review(True, f"unreadable review kept on the measurement: {reply.strip()[:120]!r}", name)
-
-
-def create(role: Role, config: Config) -> Any:
-    """The reviewer a role file describes (``Lab.reviewer``)."""
-    if role.backend == "rules":
-        return RulesReviewer(role.name)
-    from nightlab.research.agents.api import ApiProposer
-
-    return ApiReviewer(ApiProposer(role_config(role, config).api), role.instructions, role.name)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from nightlab.research.policy import signed
-from nightlab.research.store import FINISHED, Experiment, Store
+from nightlab.night.policy import signed
+from nightlab.night.store import FINISHED, Experiment, Store
 
 MAX_CHARS = 6000  # about 1,500 tokens
 DESCRIPTION_CHARS = 100

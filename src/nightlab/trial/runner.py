@@ -8,6 +8,7 @@ folder (``train.log``, ``eval.log``), so nothing is lost if the runner itself is
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,11 +25,11 @@ from typing import Any
 
 from nightlab.config import Config
 from nightlab.lab.session import resolve_device, resolve_preset
-from nightlab.research import pycache, sandbox
-from nightlab.research.standby import START_AT, Standby
+from nightlab.trial import pycache, sandbox
+from nightlab.trial.processes import launch, stop_group, train_env
+from nightlab.trial.standby import START_AT, Standby
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
-TERM_GRACE_S = 10.0  # SIGTERM first; SIGKILL the group if it is still there after this
 LOG_TAIL_LINES = 50
 POLL_S = 0.1
 STANDBY_FILE = "standby.json"  # in a run folder whose trial was started early by a standby
@@ -57,30 +58,6 @@ class _Stage:
     seconds: float
 
 
-
-def is_secret(name: str, config: Config) -> bool:
-    """An environment variable that holds a key: the configured one, the SDKs' defaults, any *_API_KEY."""
-    upper = name.upper()
-    return (name == config.api.api_key_env or upper in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
-            or upper.endswith(("_API_KEY", "_TOKEN", "_SECRET")))
-
-
-def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: str, preset: str) -> dict[str, str]:
-    """The environment contract of ``train.py`` (docs/architecture.md), without the agents' API keys."""
-    env = {k: v for k, v in os.environ.items() if not is_secret(k, config)}
-    env.update(
-        NIGHTLAB_DATA=str(data_dir),
-        NIGHTLAB_OUT=str(run_dir),
-        NIGHTLAB_BUDGET_S=repr(float(config.lab.budget_s)),
-        NIGHTLAB_DEVICE=device,
-        NIGHTLAB_PRESET=preset,
-        NIGHTLAB_SEED=str(int(seed)),
-        PYTHONUNBUFFERED="1",
-        **pycache.env(),  # bytecode the lab compiled, read only: imports in seconds, not a dozen
-    )
-    return env
-
-
 def run_trial(
     workdir: Path,
     run_dir: Path,
@@ -98,7 +75,7 @@ def run_trial(
     ``on_progress`` gets each line train.py prints, as it prints it. ``on_stage(stage, pgid)`` is
     called when the ``train`` and ``eval`` processes start, so a caller can record the process
     group and stop it after its own crash. ``env`` adds variables to both processes (a worker's
-    ``CUDA_VISIBLE_DEVICES``). With a ``standby`` (``nightlab.research.standby``), a process
+    ``CUDA_VISIBLE_DEVICES``). With a ``standby`` (``nightlab.trial.standby``), a process
     already waiting for exactly this trial trains it, and the trial expected next is started
     while this one trains.
     """
@@ -248,31 +225,6 @@ def _done(started: float, **fields: Any) -> TrialResult:
     return TrialResult(total_s=time.monotonic() - started, **fields)
 
 
-def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path,
-           stdin_data: bytes | None = None) -> subprocess.Popen:
-    """Start ``command`` in a new session (its own process group), output to ``log_path``.
-
-    Output is written by the child to the file itself (not a pipe), and read back for progress:
-    a survivor holding a pipe open cannot block us, and a killed runner loses no log. Its stdin is
-    empty, or ``stdin_data`` (a few bytes, written into the pipe before the child starts).
-    """
-    stdin: int = subprocess.DEVNULL
-    if stdin_data is not None:
-        stdin, write_end = os.pipe()
-        try:
-            os.write(write_end, stdin_data)
-        finally:
-            os.close(write_end)
-    try:
-        with open(log_path, "wb") as log:
-            return subprocess.Popen(
-                command, cwd=cwd, env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-    finally:
-        if stdin_data is not None:
-            os.close(stdin)
-
-
 def _run_group(
     command: list[str] | subprocess.Popen,
     cwd: Path,
@@ -309,51 +261,6 @@ def _run_group(
         proc.wait()
         follower.poll(final=True)
     return _Stage(returncode=returncode, seconds=time.monotonic() - started)
-
-
-def stop_group(pgid: int, grace_s: float | None = None) -> None:
-    """SIGTERM the process group, SIGKILL it after ``grace_s`` (default ``TERM_GRACE_S``), and wait
-    until no member is left."""
-    if not group_alive(pgid):
-        return
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + (TERM_GRACE_S if grace_s is None else grace_s)
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 10.0
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is in group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            return True
-    return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class _LogFollower:
@@ -450,3 +357,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+Trainer = Callable[..., TrialResult]  # ``run_trial``'s signature: the runner, a Ray task, the simulator
+
+
+def runs_processes(trainer: Trainer) -> bool:
+    """Whether ``trainer`` runs train.py as real processes on this machine (not a simulation): the
+    runner itself, or the runner wrapped in partials (a local worker's device binding)."""
+    while isinstance(trainer, functools.partial):
+        if run_trial in (trainer.func, *trainer.args):
+            return True
+        trainer = trainer.func
+    return trainer is run_trial

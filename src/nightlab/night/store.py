@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.paths import state_dir
-from nightlab.research.migrations import STATUSES, migrate
+from nightlab.night.migrations import STATUSES, migrate
 
 STORE_FILE = "store.db"
 FINISHED = ("keep", "discard", "crash", "timeout", "invalid")

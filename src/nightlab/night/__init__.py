@@ -1,0 +1,1 @@
+"""The night: lab state, proposals, trials, verdicts, recovery, the scheduler, the store, history and notes."""

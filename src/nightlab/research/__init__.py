@@ -1,1 +1,0 @@
-"""The research loop: store, git, runner, policy, scheduler, agents, org, executors."""
