@@ -6,8 +6,8 @@ optional: ``pip install 'nightlab[api]'``. The reply format is in ``edits.REPLY_
 
 Rate limits (429), server errors (5xx), 408/409, timeouts and dropped connections are retried
 with jittered exponential backoff that honours ``Retry-After``, up to ``api.max_retries`` times.
-The SDKs' own retries are switched off: one loop here counts every retry, logs it and can use
-a tiny base delay in tests. Anything else, and a reply that cannot be applied, is a
+The SDKs' own retries are switched off: one ``tenacity`` policy here counts every retry, logs
+it and can use a tiny base delay in tests. Anything else, and a reply that cannot be applied, is a
 ``ProposalError`` carrying what the call cost. The API key is read once from the environment
 variable ``api.api_key_env`` and never appears in a message, log line or proposal.
 """
@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 from nightlab.config import API_PROVIDERS, ApiAgentConfig, ConfigError
 from nightlab.agents import pricing
@@ -102,21 +104,33 @@ class ApiProposer:
     # -- the call, with retries ------------------------------------------------------------
 
     def _complete(self, prompt: Prompt) -> Completion:
-        retries = self.config.max_retries
-        for attempt in range(retries + 1):
-            try:
-                return self._request(prompt)
-            except ProposalError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure becomes a retry or a ProposalError
-                reason = self._retry_reason(e)
-                if reason is None or attempt == retries:
-                    tried = f" after {attempt + 1} attempts" if attempt else ""
-                    raise ProposalError(self._redact(f"{self._where()}: {_describe(e)}{tried}")) from None
-                delay = self._delay(attempt, e)
-                log.warning("%s: %s; retry %d of %d in %.2f s", self._where(), reason, attempt + 1, retries, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.config.max_retries + 1),
+            retry=tenacity.retry_if_exception(lambda e: self._retry_reason(e) is not None),
+            wait=self._wait,
+            sleep=lambda seconds: self._sleep(seconds),  # looked up per call: tests swap it
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._request, prompt)
+        except ProposalError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a retry or a ProposalError
+            attempts = retrying.statistics.get("attempt_number", 1)
+            tried = f" after {attempts} attempts" if attempts > 1 else ""
+            raise ProposalError(self._redact(f"{self._where()}: {_describe(e)}{tried}")) from None
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        return self._delay(state.attempt_number - 1, state.outcome.exception())
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        reason = self._retry_reason(state.outcome.exception())
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s: %s; retry %d of %d in %.2f s",
+            self._where(), reason, state.attempt_number, self.config.max_retries, delay,
+        )
 
     def _retry_reason(self, error: Exception) -> str | None:
         status = getattr(error, "status_code", None)
