@@ -17,17 +17,18 @@ delete the dataset folder.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 
 from nightlab import paths
@@ -125,18 +126,18 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
 
 
 @contextlib.contextmanager
-def _locked(directory: Path, progress: bool):
+def _locked(directory: Path, progress: bool) -> Iterator[None]:
     """Hold the folder's lock; say so when another prepare has it, then wait for it."""
-    with open(directory / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(progress, f"another nightlab prepare is preparing {directory.name}; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock = filelock.FileLock(directory / LOCK_FILE)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        _say(progress, f"another nightlab prepare is preparing {directory.name}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _steps(parsed: DatasetSpec, spec: str, directory: Path, home_dir: Path, vocab_size: int, num_shards: int,
