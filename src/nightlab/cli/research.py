@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import filelock
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
@@ -133,22 +134,24 @@ def _check_writable(lab_dir: Path) -> None:
 @contextlib.contextmanager
 def _holding(lab_dir: Path) -> Iterator[None]:
     """Work on the lab alone: an exclusive lock on ``.nightlab/lock`` for as long as the command runs.
-    A second command on the same lab would stop the first one's trials as a killed run's (``recover``)."""
+    A second command on the same lab would stop the first one's trials as a killed run's (``recover``).
+    The holder writes its pid into the lock file so that the refused command can name it."""
 
     state = state_dir(lab_dir)
     state.mkdir(exist_ok=True)
-    with open(state / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            raise UserError(f"another nightlab run is working on the lab {lab_dir}"
-                            f"{f' (pid {holder})' if holder else ''}: wait for it to end, or stop it first") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield  # the lock goes with the file: at exit, or when the process dies
+    path = state / LOCK_FILE
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        holder = path.read_text().strip() if path.exists() else ""
+        raise UserError(f"another nightlab run is working on the lab {lab_dir}"
+                        f"{f' (pid {holder})' if holder else ''}: wait for it to end, or stop it first") from None
+    try:
+        path.write_text(f"{os.getpid()}\n")
+        yield  # the lock goes with the process too: the kernel frees it when the process dies
+    finally:
+        lock.release()
 
 
 def _check_committed(lab_dir: Path, config: cfg.Config) -> None:
