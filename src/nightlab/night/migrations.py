@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import sqlite3
 
-STATUSES = ("queued", "running", "keep", "discard", "crash", "timeout", "invalid")
+# ``invalid`` is the judge's word (a model caught cheating, an edit outside the allowed files);
+# an agent that produced no edit is ``agent_failed``; a proposal that repeats a change already
+# measured or in flight is a ``repeat`` and is never trained.
+STATUSES = ("queued", "running", "keep", "discard", "crash", "timeout", "invalid", "agent_failed", "repeat")
+_STATUSES_1 = STATUSES[:7]  # what migration 1 allowed
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: experiments and their measurements
@@ -28,7 +32,7 @@ MIGRATIONS: tuple[str, ...] = (
         lines_added INTEGER NOT NULL DEFAULT 0,
         lines_removed INTEGER NOT NULL DEFAULT 0,
         code_lines INTEGER,                        -- non-blank lines of the allowed files
-        status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
+        status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({", ".join(repr(s) for s in _STATUSES_1)})),
         stage TEXT NOT NULL DEFAULT 'queued',      -- queued | train | eval | judge | done
         pgid INTEGER,                              -- process group of the stage now running
         val_bpb REAL,                              -- the judged value: mean of the measurements
@@ -83,6 +87,61 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: passes over the train split, as a fraction (where in an epoch a run ends moves its val_bpb)
     """
     ALTER TABLE experiments ADD COLUMN epochs REAL;
+    """,
+    # 4: an agent's failure and a refused repeat are statuses of their own; an agent's cost and
+    # tokens may be unknown (NULL), never a made-up 0. SQLite cannot alter a CHECK or a NOT NULL,
+    # so the table is rebuilt (the store runs migrations before it turns foreign keys on).
+    f"""
+    CREATE TABLE experiments_4 (
+        id INTEGER PRIMARY KEY,
+        run_tag TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'experiment',
+        worker TEXT NOT NULL DEFAULT 'local',
+        agent TEXT NOT NULL DEFAULT '',
+        parent_commit TEXT,
+        commit_sha TEXT,
+        description TEXT NOT NULL DEFAULT '',
+        rationale TEXT NOT NULL DEFAULT '',
+        files_changed INTEGER NOT NULL DEFAULT 0,
+        lines_added INTEGER NOT NULL DEFAULT 0,
+        lines_removed INTEGER NOT NULL DEFAULT 0,
+        code_lines INTEGER,
+        status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
+        stage TEXT NOT NULL DEFAULT 'queued',
+        pgid INTEGER,
+        val_bpb REAL,
+        training_seconds REAL,
+        total_seconds REAL,
+        total_tokens INTEGER,
+        num_steps INTEGER,
+        num_params INTEGER,
+        peak_memory_mb REAL,
+        mfu_percent REAL,
+        seed INTEGER,
+        cost_usd REAL DEFAULT 0,                   -- NULL: the agent does not report it
+        tokens_in INTEGER DEFAULT 0,
+        tokens_out INTEGER DEFAULT 0,
+        noise REAL,
+        reason TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        review TEXT NOT NULL DEFAULT '',
+        origin_id INTEGER,
+        claim TEXT NOT NULL DEFAULT '',
+        epochs REAL
+    );
+    INSERT INTO experiments_4 SELECT id, run_tag, kind, worker, agent, parent_commit, commit_sha, description,
+        rationale, files_changed, lines_added, lines_removed, code_lines, status, stage, pgid, val_bpb,
+        training_seconds, total_seconds, total_tokens, num_steps, num_params, peak_memory_mb, mfu_percent, seed,
+        cost_usd, tokens_in, tokens_out, noise, reason, error, created_at, started_at, finished_at, review,
+        origin_id, claim, epochs FROM experiments;
+    DROP TABLE experiments;
+    ALTER TABLE experiments_4 RENAME TO experiments;
+    CREATE INDEX experiments_run ON experiments (run_tag, id);
+    CREATE INDEX experiments_commit ON experiments (run_tag, commit_sha);
+    CREATE INDEX experiments_status ON experiments (run_tag, status, id);
     """,
 )
 

@@ -19,7 +19,8 @@ from nightlab.paths import state_dir
 from nightlab.night.migrations import STATUSES, migrate
 
 STORE_FILE = "store.db"
-FINISHED = ("keep", "discard", "crash", "timeout", "invalid")
+FINISHED = ("keep", "discard", "crash", "timeout", "invalid", "agent_failed", "repeat")
+FAILED = ("crash", "timeout", "invalid", "agent_failed")  # finished with no val_bpb; a repeat is refused, not failed
 BUSY_TIMEOUT_S = 600.0  # wait this long for another connection's lock: a late write beats a lost result
 JUDGED_KINDS = ("first", "baseline", "confirm")  # measurements the policy averages; replays are not
 
@@ -73,9 +74,9 @@ class Experiment:
     peak_memory_mb: float | None
     mfu_percent: float | None
     seed: int | None
-    cost_usd: float
-    tokens_in: int
-    tokens_out: int
+    cost_usd: float | None  # None: the agent does not report what it cost
+    tokens_in: int | None
+    tokens_out: int | None
     noise: float | None
     reason: str
     error: str
@@ -130,8 +131,8 @@ class Store:
         self.conn.row_factory = sqlite3.Row
         _enter_wal(self.conn)
         self.conn.execute("PRAGMA synchronous = NORMAL")
+        migrate(self.conn)  # first: a migration that rebuilds a table needs foreign keys off
         self.conn.execute("PRAGMA foreign_keys = ON")
-        migrate(self.conn)
 
     @classmethod
     def open(cls, lab_dir: Path | str) -> "Store":
