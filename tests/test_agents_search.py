@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from nightlab.config import Config, ConfigError, SearchAgentConfig
+from nightlab.config import Config, ConfigError, SearchAgentConfig, load
 from nightlab import agents
 from nightlab.night.proposals import Context
 from nightlab.agents.constants import find_constants, write_constants
@@ -110,7 +111,7 @@ def _run(proposer: SearchProposer, start: str, workdir: Path, n: int) -> tuple[f
 
 
 def test_tpe_improves_the_stand_in_objective_and_keeps_comments(tmp_path: Path) -> None:
-    config = SearchAgentConfig(constants=("X", "Y"))
+    config = SearchAgentConfig(mode="global", constants=("X", "Y"))
     proposer = SearchProposer(config, storage=tmp_path / "optuna.db", seed=3)
     initial = objective(SOURCE)
     best, best_source, descriptions = _run(proposer, SOURCE, tmp_path, 30)
@@ -132,7 +133,7 @@ def test_tpe_improves_the_stand_in_objective_and_keeps_comments(tmp_path: Path) 
 
 
 def test_failures_are_told_as_bad_values_and_baseline_comes_first(tmp_path: Path) -> None:
-    proposer = SearchProposer(SearchAgentConfig(constants=("X", "Y")), storage=None)
+    proposer = SearchProposer(SearchAgentConfig(mode="global", constants=("X", "Y")), storage=None)
     (tmp_path / "train.py").write_text(SOURCE)
     # Asked while the baseline trains (no measured best yet): the study's first trial, the baseline's
     # own values, is not proposed again; it waits for the baseline's value.
@@ -149,7 +150,7 @@ def test_failures_are_told_as_bad_values_and_baseline_comes_first(tmp_path: Path
 
 
 def test_cmaes_sampler_proposes_within_the_space(tmp_path: Path) -> None:
-    proposer = SearchProposer(SearchAgentConfig(sampler="cmaes", constants=("X", "Y")), storage=tmp_path / "o.db")
+    proposer = SearchProposer(SearchAgentConfig(mode="global", sampler="cmaes", constants=("X", "Y")), storage=tmp_path / "o.db")
     best, _, descriptions = _run(proposer, SOURCE, tmp_path, 12)
     assert best < objective(SOURCE)
     for trial in proposer._study.trials:
@@ -157,10 +158,12 @@ def test_cmaes_sampler_proposes_within_the_space(tmp_path: Path) -> None:
 
 
 def test_factory_puts_the_study_in_the_lab_state(tmp_path: Path) -> None:
-    proposer = agents.create("search", Config().with_overrides(["search.constants=['Y']"]), tmp_path)
-    (tmp_path / "train.py").write_text(SOURCE)
-    proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
-    assert (tmp_path / ".nightlab" / "optuna.db").exists()
+    for mode, state in (("global", "optuna.db"), ("local", "search-local.json")):
+        proposer = agents.create("search", Config().with_overrides(["search.constants=['Y']", f"search.mode={mode!r}"]),
+                                 tmp_path)
+        (tmp_path / "train.py").write_text(SOURCE)
+        proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
+        assert (tmp_path / ".nightlab" / state).exists(), mode
     with pytest.raises(ConfigError, match="sampler"):
         SearchProposer(SearchAgentConfig(sampler="grid"))
     with pytest.raises(ConfigError, match="search.constants names DEPHT"):
@@ -168,9 +171,98 @@ def test_factory_puts_the_study_in_the_lab_state(tmp_path: Path) -> None:
 
 
 def test_description_shows_values_as_written(tmp_path: Path) -> None:
-    proposer = SearchProposer(SearchAgentConfig(constants=("TOTAL",)), seed=1)
+    proposer = SearchProposer(SearchAgentConfig(mode="global", constants=("TOTAL",)), seed=1)
     (tmp_path / "train.py").write_text(SOURCE)
     proposal = proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
     exponent = int(proposal.params["TOTAL"]).bit_length() - 1
     assert proposal.description == f"search: TOTAL 2**19→2**{exponent}"
     assert f"TOTAL = 2**{exponent}  # tokens per step" in (tmp_path / "train.py").read_text()
+
+
+# -- the local researcher (search.mode = "local", the default) ---------------------------------
+
+LOCAL_KEYS = ("X", "Y", "TOTAL", "CAP", "WIDE")
+
+
+def _values(source: str) -> dict[str, float]:
+    return {c.key: c.value for c in find_constants(source) if c.key in LOCAL_KEYS}
+
+
+def test_local_proposals_move_few_constants_of_the_best_and_never_repeat(tmp_path: Path) -> None:
+    proposer = SearchProposer(SearchAgentConfig(constants=LOCAL_KEYS), storage=tmp_path / "optuna.db", seed=5)
+    best, best_source, descriptions = _run(proposer, SOURCE, tmp_path, 40)
+    assert best < objective(SOURCE)
+    for description in descriptions:
+        assert description.startswith("search: ") and "step x" in description, description
+    points = proposer.local.state["measured"]
+    assert len(points) == len(set(points)) == 40  # no point proposed twice
+    # From one best, 30 proposals in a row: each moves 1 to 3 constants, and never the same way twice.
+    again = SearchProposer(SearchAgentConfig(constants=LOCAL_KEYS), storage=None, seed=5)
+    (tmp_path / "train.py").write_text(SOURCE)
+    for _ in range(30):
+        proposal = again.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
+        moved = _values((tmp_path / "train.py").read_text())
+        changed = {k for k, v in _values(SOURCE).items() if moved[k] != v}
+        assert 1 <= len(changed) <= 3 and set(proposal.params) == changed, proposal.description
+        assert len(changed) == 1 or not changed & {"TOTAL", "WIDE"}  # shapes move alone
+        again.observe(proposal, "discard", 2.0)
+        (tmp_path / "train.py").write_text(SOURCE)
+    points = again.local.state["measured"]
+    assert len(points) == len(set(points)) == 30
+
+
+def test_local_step_grows_after_wins_and_shrinks_after_losses(tmp_path: Path) -> None:
+    proposer = SearchProposer(SearchAgentConfig(constants=("Y",)), storage=None, seed=0)
+    (tmp_path / "train.py").write_text(SOURCE)
+    first = proposer.local.step("Y")
+    proposal = proposer.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
+    assert proposal.description.startswith("search: Y 0.08→") and f"step x{first:.3g}" in proposal.description
+    proposer.observe(proposal, "keep", 0.9)
+    grown = proposer.local.step("Y")
+    assert grown > first
+    won = (tmp_path / "train.py").read_text()
+    direction = "raise" if proposal.params["Y"] > 0.08 else "lowering"
+    again = proposer.propose(Context("p", {"train.py": won}, "", best_val_bpb=0.9), tmp_path)
+    proposer.observe(again, "discard", 0.95)
+    proposer.observe(proposer.propose(Context("p", {"train.py": won}, "", best_val_bpb=0.9), tmp_path), "crash", None)
+    assert proposer.local.step("Y") < grown
+    # The description says what and why: the step and the direction's record.
+    (tmp_path / "train.py").write_text(won)
+    fresh = SearchProposer(SearchAgentConfig(constants=("Y",)), storage=None, seed=0)
+    fresh.local.state = proposer.local.state
+    fresh.local.state["arms"]["Y"]["up" if direction == "raise" else "down"] = [1.0, 1.0]
+    fresh.local.state["arms"]["Y"]["up" if direction != "raise" else "down"] = [0.0] * 5
+    said = fresh.propose(Context("p", {"train.py": won}, "", best_val_bpb=0.9), tmp_path).description
+    assert f"the last two {direction}s won" in said, said
+
+
+def test_local_statistics_survive_a_resume(tmp_path: Path) -> None:
+    config = SearchAgentConfig(constants=("X", "Y"))
+    proposer = SearchProposer(config, storage=tmp_path / "optuna.db", seed=1)
+    best, best_source, _ = _run(proposer, SOURCE, tmp_path, 6)
+    (tmp_path / "wt" / "train.py").write_text(best_source)
+    pending = proposer.propose(Context("p", {"train.py": best_source}, "", best_val_bpb=best), tmp_path / "wt")
+    before = json.loads((tmp_path / "search-local.json").read_text())
+    assert before["arms"] and len(before["measured"]) == 7
+
+    resumed = SearchProposer(config, storage=tmp_path / "optuna.db", seed=1)  # a new process: --resume
+    assert resumed.local.state["arms"] == before["arms"]
+    resumed.observe(pending, "keep", best - 0.1)  # an outcome asked for before the restart is still learned
+    assert sum(len(resumed.local.state["arms"][k]["up"] + resumed.local.state["arms"][k]["down"])
+               for k in ("X", "Y")) == 7
+    (tmp_path / "wt" / "train.py").write_text(best_source)
+    nxt = resumed.propose(Context("p", {"train.py": best_source}, "", best_val_bpb=best), tmp_path / "wt")
+    assert json.dumps(_values((tmp_path / "wt" / "train.py").read_text()), sort_keys=True) not in before["measured"]
+    assert nxt.params != pending.params
+
+
+def test_a_bad_search_mode_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        Config().with_overrides(["search.mode=wide"])
+    assert str(error.value) == "--set: search.mode must be one of local, global, got 'wide'"
+    (tmp_path / "nightlab.toml").write_text('[search]\nmode = "greedy"\n')
+    with pytest.raises(ConfigError, match="search.mode must be one of local, global"):
+        load(tmp_path)
+    assert not (tmp_path / ".nightlab").exists()  # refused before anything was made
+    with pytest.raises(ConfigError, match="search.mode"):
+        SearchProposer(SearchAgentConfig(mode="wide"))

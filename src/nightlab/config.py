@@ -30,7 +30,9 @@ MAX_SEED = 2**31 - 1
 AGENTS = ("search", "api", "cli", "scripted")  # nightlab.agents.create
 API_PROVIDERS = ("openai", "anthropic")  # nightlab.agents.api
 CLI_PRESETS = ("claude", "codex", "aider", "gemini", "opencode")  # nightlab.agents.cli.PRESETS
+SEARCH_MODES = ("local", "global")  # nightlab.agents.search
 CLIMBMIX_LAST_SHARD = 6542  # shard_06542.parquet, ClimbMix's pinned validation shard (nightlab.lab.climbmix)
+CLIMBMIX_HOLDOUT_SHARD = CLIMBMIX_LAST_SHARD - 1  # shard_06541.parquet, its pinned holdout shard
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,7 @@ class LabConfig:
     vocab_size: int = 8192  # BPE vocabulary, special tokens included
     num_shards: int = 8  # climbmix: training shards to download (the pinned val shard is extra)
     budget_s: float = 300.0  # training wall-clock budget of one experiment, compile warm-up excluded
+    budget_tokens: int = 0  # 0 = off; else train.py stops at this many training tokens (budget_s stays the cap)
     startup_allowance_s: float = 180.0  # hard cap = budget + this (startup, compilation, saving)
     eval_timeout_s: float = 600.0  # hard cap on the trusted evaluation
     eval_max_tokens: int = 0  # 0 = the whole validation split; set for quick CPU labs
@@ -66,11 +69,14 @@ class RunConfig:
     max_experiments: int = 0  # 0 = no limit
     hours: float = 0.0  # 0 = no limit
     tag: str = ""  # run branch nightlab/<tag>; empty = today's date
+    max_repeats: int = 3  # proposals refused as repeats in a row before an agent is told to change direction
+    max_cost_usd: float = 0.0  # 0 = no limit; else no new proposal once the agents' known cost reaches it (USD)
 
 
 @dataclass(frozen=True)
 class SearchAgentConfig:
-    sampler: str = "tpe"  # tpe | cmaes
+    mode: str = "local"  # local (one constant of the best at a time, adaptive steps) | global (Optuna over all)
+    sampler: str = "tpe"  # tpe | cmaes (global mode)
     constants: tuple[str, ...] = ()  # which UPPER_CASE constants to tune; empty = every numeric one
 
 
@@ -196,8 +202,10 @@ def validate(config: Config, source: str = "config") -> None:
                         ("run.noise_floor", run.noise_floor), ("run.simplicity_tolerance", run.simplicity_tolerance)):
         need(math.isfinite(amount) and amount >= 0, key, amount, "0 or more (a finite number)")
     need(260 <= lab.vocab_size <= 65535, "lab.vocab_size", lab.vocab_size, "between 260 and 65535")
-    need(1 <= lab.num_shards <= CLIMBMIX_LAST_SHARD, "lab.num_shards", lab.num_shards, f"between 1 and {CLIMBMIX_LAST_SHARD}")
+    need(1 <= lab.num_shards <= CLIMBMIX_HOLDOUT_SHARD, "lab.num_shards", lab.num_shards,
+         f"between 1 and {CLIMBMIX_HOLDOUT_SHARD}")
     need(lab.eval_seq_len >= 2, "lab.eval_seq_len", lab.eval_seq_len, "at least 2 tokens")
+    need(lab.budget_tokens >= 0, "lab.budget_tokens", lab.budget_tokens, "0 (wall-clock budget only) or more")
     need(lab.eval_max_tokens >= 0, "lab.eval_max_tokens", lab.eval_max_tokens, "0 (the whole split) or more")
     need(0 <= lab.seed <= MAX_SEED, "lab.seed", lab.seed, f"between 0 and {MAX_SEED}")
     need(DEVICE.fullmatch(lab.device) is not None, "lab.device", lab.device, "auto, cpu, cuda or cuda:N")
@@ -211,6 +219,10 @@ def validate(config: Config, source: str = "config") -> None:
     need(run.baseline_runs >= 1, "run.baseline_runs", run.baseline_runs, "at least 1")
     need(run.confirm_runs >= 0, "run.confirm_runs", run.confirm_runs, "0 or more")
     need(run.max_experiments >= 0, "run.max_experiments", run.max_experiments, "0 (no limit) or more")
+    need(run.max_repeats >= 1, "run.max_repeats", run.max_repeats, "at least 1")
+    need(math.isfinite(run.max_cost_usd) and run.max_cost_usd >= 0, "run.max_cost_usd", run.max_cost_usd,
+         "0 (no limit) or more US dollars")
+    need(config.search.mode in SEARCH_MODES, "search.mode", config.search.mode, f"one of {', '.join(SEARCH_MODES)}")
     need(config.api.provider in API_PROVIDERS, "api.provider", config.api.provider, f"one of {', '.join(API_PROVIDERS)}")
     need(config.api.max_tokens >= 1, "api.max_tokens", config.api.max_tokens, "at least 1")
     need(config.api.max_retries >= 0, "api.max_retries", config.api.max_retries, "0 or more")

@@ -132,3 +132,36 @@ def _line_offsets(source: str) -> list[int]:
         total += len(line)
     offsets.append(total)
     return offsets
+
+
+# -- what the local search needs to know about a constant, by its name -------------------------
+
+# Constants that change a compiled shape (and so the speed and memory of a step): searched one at
+# a time and less often. Matched as whole words of the name (``CPU_DEPTH``, ``TOTAL_BATCH_SIZE``).
+SHAPE_WORDS = ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "MODEL_DIM", "WIDTH", "SEQ_LEN", "BATCH_SIZE", "VOCAB",
+               "N_HEAD", "N_LAYER", "N_EMBD", "WINDOW")
+# Shares and decay rates: values that live in (0, 1), stepped on their odds so they never reach 1.
+BOUNDED_WORDS = ("MOMENTUM", "BETA1", "BETA2", "RATIO", "FRAC", "SHARE")
+# Constants known to interact: a move sometimes changes a whole group in one direction.
+INTERACTIONS: tuple[tuple[str, ...], ...] = (
+    ("MATRIX_LR", "WEIGHT_DECAY"),  # Muon's step size and its decay act on the same matrices
+    ("EMBEDDING_LR", "UNEMBEDDING_LR"),  # the token tables in and out of the model
+    ("MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR"),  # together: the overall learning rate
+    ("WARMDOWN_RATIO", "FINAL_LR_FRAC"),  # how the schedule ends
+    ("ADAM_BETA1", "ADAM_BETA2"),  # AdamW's two averaging horizons
+)
+
+
+def _has_word(name: str, words: tuple[str, ...]) -> bool:
+    padded = f"_{name.split('#')[0]}_"
+    return any(f"_{word}_" in padded for word in words)
+
+
+def is_shape(name: str) -> bool:
+    """Whether constant ``name`` changes the model's or the batch's shape."""
+    return _has_word(name, SHAPE_WORDS)
+
+
+def is_bounded(name: str, value: int | float) -> bool:
+    """Whether ``name`` holds a share or a decay rate, a float kept inside (0, 1)."""
+    return isinstance(value, float) and 0 < value < 1 and not is_shape(name) and _has_word(name, BOUNDED_WORDS)

@@ -1,6 +1,9 @@
-"""The ``search`` proposer: Optuna over the numeric UPPER_CASE constants of train.py. No LLM.
+"""The ``search`` proposer: a search over the numeric UPPER_CASE constants of train.py. No LLM.
 
-The search space is derived once, from the constants' values when the study starts, and stored
+``search.mode = "local"`` (the default) moves one constant of the best at a time
+(``nightlab.agents.local``). ``"global"`` is Optuna over all of them at once, described here.
+
+The global search space is derived once, from the constants' values when the study starts, and stored
 with the study (so a resumed run keeps the same space even after the best has moved):
 
 - floats > 0: log-uniform in [v/4, 4v]; a value below 1 stays below 1 (momenta, shares), the
@@ -27,13 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nightlab.config import ConfigError, SearchAgentConfig
+from nightlab.config import SEARCH_MODES, ConfigError, SearchAgentConfig
 from nightlab.night.proposals import Context, Proposal, ProposalError
 from nightlab.agents.constants import Constant, find_constants, format_value, write_constants
+from nightlab.agents.local import LocalSearch
 
 TARGET = "train.py"
 FAIL_VALUE = 100.0  # told for failed trials; val_bpb is around 1
 SAMPLERS = ("tpe", "cmaes")
+LOCAL_STATE = "search-local.json"  # the local search's statistics, beside the Optuna study
 _MAX_SKIPS = 50  # trials told without running (equal to the best) before giving up
 
 
@@ -113,13 +118,15 @@ def describe(constants: list[Constant], new: dict[str, int | float]) -> str:
 
 
 class SearchProposer:
-    """Proposes new values for train.py's constants with an Optuna sampler (ask/tell)."""
+    """Proposes new values for train.py's constants: local moves from the best, or an Optuna sampler (ask/tell)."""
 
     name = "search"
 
     def __init__(self, config: SearchAgentConfig, storage: Path | None = None, seed: int = 0) -> None:
         if config.sampler not in SAMPLERS:
             raise ConfigError(f"search.sampler = {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if config.mode not in SEARCH_MODES:
+            raise ConfigError(f"search.mode = {config.mode!r}; choose one of {', '.join(SEARCH_MODES)}")
         self.config = config
         self.storage = storage
         self.seed = seed
@@ -128,6 +135,10 @@ class SearchProposer:
         self._pending: list[tuple[int, Proposal]] = []
         self._unmeasured_best: list[int] = []  # trials that drew the best before it had a val_bpb
         self._lock = threading.Lock()  # the loop may prepare a proposal while it reports another
+        self.local: LocalSearch | None = None
+        if config.mode == "local":
+            state = storage.with_name(LOCAL_STATE) if storage is not None else None
+            self.local = LocalSearch(config.constants, state, seed)
 
     def propose(self, context: Context, worktree: Path) -> Proposal:
         path = Path(worktree) / TARGET
@@ -136,6 +147,11 @@ class SearchProposer:
         except FileNotFoundError:
             raise ProposalError(f"the search agent tunes {TARGET}, which is missing from {worktree}") from None
         with self._lock:
+            if self.local is not None:
+                search_space(source, self.config.constants)  # a bad search.constants is named, as in global mode
+                edited, proposal = self.local.propose(source, context.best_val_bpb)
+                path.write_text(edited)
+                return proposal
             self._open(source)
             constants = find_constants(source)
             dims = [d for d in self._space if d.key in {c.key for c in constants}]
@@ -174,6 +190,9 @@ class SearchProposer:
         from optuna.trial import TrialState
 
         with self._lock:
+            if self.local is not None:
+                self.local.observe(proposal.params, status, val_bpb)
+                return
             if self._study is None:
                 return
             number = self._take_pending(proposal)
