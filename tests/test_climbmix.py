@@ -120,7 +120,7 @@ def closed_port() -> str:
 
 @pytest.fixture(scope="module")
 def shards() -> dict[str, bytes]:
-    return {climbmix.shard_name(i): shard_bytes(i) for i in (0, 1, 2, climbmix.LAST_SHARD)}
+    return {climbmix.shard_name(i): shard_bytes(i) for i in (0, 1, 2, climbmix.HOLDOUT_SHARD, climbmix.LAST_SHARD)}
 
 
 def test_download_resumes_a_transfer_that_breaks_off(shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,12 +169,13 @@ def test_prepare_climbmix_with_hf_endpoint(shards, tmp_path: Path, monkeypatch: 
         env["HF_ENDPOINT"] = hub.url
         subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     fetched = {r[1].rsplit("/", 1)[-1] for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]}
-    assert fetched == {"shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"}
+    assert fetched == {"shard_00000.parquet", "shard_00001.parquet", "shard_06541.parquet", "shard_06542.parquet"}
 
     prepared = datasets.open_prepared("climbmix", VOCAB, 2, home=home)
     m = prepared.manifest
     assert [(s["name"], s["split"]) for s in m["sources"]] == [
-        ("shard_00000.parquet", "train"), ("shard_00001.parquet", "train"), ("shard_06542.parquet", "val")]
+        ("shard_00000.parquet", "train"), ("shard_00001.parquet", "train"), ("shard_06542.parquet", "val"),
+        ("shard_06541.parquet", "holdout")]
     assert all(s["sha256"] == hashlib.sha256(shards[s["name"]]).hexdigest() for s in m["sources"])
     assert m["details"]["num_shards"] == 2 and "06542" in m["split"]
     val_texts = pq.read_table(io.BytesIO(shards["shard_06542.parquet"])).column("text").to_pylist()
@@ -189,7 +190,7 @@ def test_prepare_climbmix_with_hf_endpoint(shards, tmp_path: Path, monkeypatch: 
     smaller = datasets.prepare("climbmix", VOCAB, num_shards=1, home=home, progress=False)
     assert time.monotonic() - start < 20
     manifest = json.loads((smaller / "manifest.json").read_text())
-    assert manifest["details"]["num_shards"] == 1 and len(manifest["sources"]) == 2
+    assert manifest["details"]["num_shards"] == 1 and len(manifest["sources"]) == 3
     assert manifest["corpus_hash"] != m["corpus_hash"]
     # a lab on one shard never rebuilds the data under a lab on two: each count has its own folder
     assert smaller != prepared.dir

@@ -48,6 +48,7 @@ def mixed_folder(tmp_path: Path) -> Path:
     (folder / "more" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in words(2, 20)) + "\n")
     (folder / "c.txt").write_text("a whole text file is one document\n\nwith blank lines kept")
     pq.write_table(pa.table({"text": words(3, 10)}), folder / "val.parquet")
+    (folder / "holdout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in words(5, 8)))
     (folder / "notes.md").write_text("not data")
     return folder
 
@@ -59,17 +60,20 @@ def test_local_folder_with_a_val_file(mixed_folder: Path, tmp_path: Path) -> Non
     expected_train = words(1, 30) + words(2, 20) + ["a whole text file is one document\n\nwith blank lines kept"]
     assert sorted(served_documents(directory, "train")) == sorted(expected_train)
     assert served_documents(directory, "val") == words(3, 10)
+    assert served_documents(directory, "holdout") == words(5, 8)
 
     prepared = datasets.open_prepared(spec, VOCAB, home=tmp_path / "home")
     m = prepared.manifest
     assert prepared.vocab_size == m["vocab_size"] == VOCAB and prepared.bos_id == m["bos_id"] == VOCAB - 1
     assert "start" in m["split"] and "val" in m["split"]
     assert {s["name"]: s["split"] for s in m["sources"]} == {
-        "a.parquet": "train", "c.txt": "train", "more/b.jsonl": "train", "val.parquet": "val"}
+        "a.parquet": "train", "c.txt": "train", "more/b.jsonl": "train", "val.parquet": "val",
+        "holdout.jsonl": "holdout"}
     for s in m["sources"]:
         assert s["sha256"] == hashlib.sha256((mixed_folder / s["name"]).read_bytes()).hexdigest()
     assert len(prepared.corpus_hash) == 16 and int(prepared.corpus_hash, 16) >= 0
-    assert m["train_documents"] == 51 and m["val_documents"] == 10
+    assert m["train_documents"] == 51 and m["val_documents"] == 10 and m["holdout_documents"] == 8
+    assert "holdout" in m["holdout"]
     assert m["train_tokens"] == len(np.load(directory / "train.tokens.npy"))
     assert m["val_bytes"] == sum(len(t.encode()) for t in words(3, 10))
 
@@ -90,8 +94,10 @@ def test_local_folder_without_a_val_file_splits_by_document_hash(tmp_path: Path)
     directory = datasets.prepare(f"local:{folder}", VOCAB, home=tmp_path / "home", progress=False)
     val = [t for t in docs if hashlib.sha1(t.encode()).digest()[0] < 13]
     assert 0 < len(val) < 60
+    holdout = [t for t in docs if 13 <= hashlib.sha1(t.encode()).digest()[0] < 26]
     assert served_documents(directory, "val") == val
-    assert served_documents(directory, "train") == [t for t in docs if t not in val]
+    assert 0 < len(holdout) < 60 and served_documents(directory, "holdout") == holdout
+    assert served_documents(directory, "train") == [t for t in docs if t not in val and t not in holdout]
     assert "SHA-1" in json.loads((directory / "manifest.json").read_text())["split"]
 
 
@@ -166,13 +172,13 @@ def test_open_prepared_names_the_command(tmp_path: Path) -> None:
 
 def test_dataset_dirs_and_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NIGHTLAB_HOME", str(tmp_path))
-    assert datasets.dataset_dir("pycode", 8192) == tmp_path / "datasets" / "pycode-v8192"
-    assert datasets.dataset_dir("pycode:stdlib", 8192).name == "pycode-stdlib-v8192"
+    assert datasets.dataset_dir("pycode", 8192) == tmp_path / "datasets" / "pycode-r2-v8192"
+    assert datasets.dataset_dir("pycode:stdlib", 8192).name == "pycode-stdlib-r2-v8192"
     assert datasets.dataset_dir("climbmix", 4096).name == "climbmix-s8-v4096"
     assert datasets.dataset_dir("climbmix", 4096, 2).name == "climbmix-s2-v4096"
     assert datasets.dataset_dir("pycode", 8192, 2) == datasets.dataset_dir("pycode", 8192)  # shards are ClimbMix's
     local = datasets.dataset_dir(f"local:{tmp_path}/My Data", 8192).name
-    assert local.startswith("local-My-Data-") and local.endswith("-v8192") and len(local.split("-")[3]) == 8
+    assert local.startswith("local-My-Data-") and local.endswith("-r2-v8192") and len(local.split("-")[3]) == 8
     assert datasets.dataset_dir(f"local:{tmp_path}/a/x", 512) != datasets.dataset_dir(f"local:{tmp_path}/b/x", 512)
     for bad in ("pycod", "climbmix:5", "local:", "pycode:all"):
         with pytest.raises(datasets.DatasetError, match="pycode, pycode:stdlib, climbmix or local:PATH"):
@@ -212,8 +218,10 @@ def test_pycode_recipe_on_a_small_tree(tmp_path: Path, monkeypatch: pytest.Monke
     root = tmp_path / "root"
     (root / "pkg" / "sub").mkdir(parents=True)
     val_text = with_first_byte("VAL", {0, 1, 2})
-    train_text = with_first_byte("TRAIN", set(range(3, 256)))
+    train_text = with_first_byte("TRAIN", set(range(6, 256)))
+    holdout_text = with_first_byte("HOLDOUT", {3, 4, 5})
     (root / "pkg" / "v.py").write_text(val_text)
+    (root / "pkg" / "h.py").write_text(holdout_text)
     (root / "pkg" / "t.py").write_text(train_text)
     (root / "pkg" / "sub" / "copy_of_t.py").write_text(train_text)  # same bytes: kept once
     (root / "latin1.py").write_bytes("café = 1\n".encode("latin-1"))  # not UTF-8: left out
@@ -222,14 +230,15 @@ def test_pycode_recipe_on_a_small_tree(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(pycode, "roots", lambda scope: [root])
 
     directory = datasets.prepare("pycode", VOCAB, home=tmp_path / "home", progress=False)
-    assert directory.name == f"pycode-v{VOCAB}"
-    kept = [train_text, val_text, (root / "long.py").read_text()]
+    assert directory.name == f"pycode-r2-v{VOCAB}"
+    kept = [train_text, val_text, holdout_text, (root / "long.py").read_text()]
     digests = sorted(hashlib.sha1(t.encode()).digest() for t in kept)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["corpus_hash"] == hashlib.sha256(b"".join(digests)).hexdigest()[:16]
-    assert manifest["details"]["files"] == 3
+    assert manifest["details"]["files"] == 4
     assert manifest["details"]["duplicates"] == 1 and manifest["details"]["not_utf8"] == 1
     assert served_documents(directory, "val") == pycode.passages(val_text)
+    assert served_documents(directory, "holdout") == pycode.passages(holdout_text)
     assert sorted(served_documents(directory, "train")) == sorted(
         pycode.passages(train_text) + ["x" * 6000, "x" * 500 + "\n\n# end\n"])
 

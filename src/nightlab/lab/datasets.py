@@ -3,11 +3,18 @@
 ``prepare`` runs four steps into ``<cache>/datasets/<slug>/`` (layout in docs/architecture.md), each
 skipped when its output is already there, each writing under a temporary name and renaming:
 
-1. text: the documents as Parquet text shards in ``text/``, with the sources, the validation rule
-   and the corpus hash in ``text/index.json``;
+1. text: the documents as Parquet text shards in ``text/``, with the sources, the validation and
+   holdout rules and the corpus hash in ``text/index.json``;
 2. tokenizer: BPE learned from the train split only (``tokenizer.pkl``, ``token_bytes.npy``);
-3. tokens: both splits tokenized once (``train.tokens.npy``, ``train.docs.npy``, ``val.*``);
+3. tokens: the three splits tokenized once (``train.tokens.npy``, ``train.docs.npy``, ``val.*``,
+   ``holdout.*``);
 4. ``manifest.json``: everything above in one record. Its presence means the dataset is ready.
+
+The holdout is sealed: training never gets it, and the judge scores it for kept experiments only.
+A ClimbMix folder prepared before the holdout existed gets it at its next ``prepare`` (its train
+and val splits, tokenizer and corpus hash unchanged). ``pycode`` and ``local:PATH`` carve their
+holdout out of what used to be training, so their folder names carry the recipe (``-r2``): the
+old folder stays as it was, for replays of the runs made on it, and ``prepare`` says so.
 
 A ``prepare`` holds an exclusive lock on ``.lock`` in the folder throughout, so a second one of the
 same dataset (another lab sharing the cache) waits, then finds it ready. To rebuild from scratch,
@@ -35,14 +42,14 @@ from nightlab import paths
 from nightlab.lab import progress as progress_bars
 from nightlab.lab import tokenizer as bpe
 from nightlab.lab import climbmix, localtext, pycode, tokens
-from nightlab.lab.shards import INDEX_FILE, DatasetError, TextIndex, iter_text_batches, shard_paths
+from nightlab.lab.shards import INDEX_FILE, SPLITS, DatasetError, TextIndex, iter_text_batches, shard_paths
 
 SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"  # held by the prepare at work on the folder
 TEXT_DIR = "text"
 TOKENIZER_FILES = [bpe.TOKENIZER_FILE, bpe.TOKEN_BYTES_FILE]
-TOKEN_FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "docs")]
+TOKEN_FILES = [f"{split}.{kind}.npy" for split in SPLITS for kind in ("tokens", "docs")]
 
 
 class DatasetNotPrepared(FileNotFoundError):
@@ -58,14 +65,23 @@ class DatasetSpec:
     def slug(self, num_shards: int = 8) -> str:
         """The folder name without the vocabulary size. ClimbMix's names its shard count, so labs
         that train on different counts never rebuild each other's data."""
+        return self.slug_of_recipe(self.recipe(), num_shards)
+
+    def recipe(self) -> int:
+        """The version of the dataset's split recipe (1 for ClimbMix, which gained its holdout in place)."""
+        return {"pycode": pycode.RECIPE, "local": localtext.RECIPE}.get(self.kind, 1)
+
+    def slug_of_recipe(self, recipe: int, num_shards: int = 8) -> str:
+        """The folder name the dataset had under ``recipe`` (recipe 1 names no version)."""
+        suffix = f"-r{recipe}" if recipe > 1 else ""
         if self.kind == "climbmix":
             return f"climbmix-s{num_shards}"
         if self.kind == "pycode":
-            return "pycode" if self.scope == "all" else f"pycode-{self.scope}"
+            return ("pycode" if self.scope == "all" else f"pycode-{self.scope}") + suffix
         if self.kind == "local":
             assert self.path is not None
             name = re.sub(r"[^A-Za-z0-9_.]+", "-", self.path.name).strip("-.") or "data"
-            return f"local-{name}-{hashlib.sha256(str(self.path).encode()).hexdigest()[:8]}"
+            return f"local-{name}-{hashlib.sha256(str(self.path).encode()).hexdigest()[:8]}{suffix}"
         return self.kind
 
 
@@ -119,10 +135,24 @@ def prepare(spec: str, vocab_size: int = 8192, num_shards: int = 8, *, home: Pat
     parsed = parse_spec(spec)
     directory = dataset_dir(spec, vocab_size, num_shards, home=home)
     home_dir = Path(home) if home is not None else paths.cache_home()
+    if not (directory / MANIFEST_FILE).is_file():
+        _say_if_recipe_changed(parsed, directory, vocab_size, num_shards, progress)
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory, progress):
         _steps(parsed, spec, directory, home_dir, vocab_size, num_shards, tokenizer_chars, progress)
     return directory
+
+
+def _say_if_recipe_changed(parsed: DatasetSpec, directory: Path, vocab_size: int, num_shards: int,
+                           progress: bool) -> None:
+    """Tell a user whose dataset was prepared under an older recipe why it is built again, under a new name."""
+    for recipe in range(parsed.recipe() - 1, 0, -1):
+        old = directory.with_name(f"{parsed.slug_of_recipe(recipe, num_shards)}-v{vocab_size}")
+        if (old / MANIFEST_FILE).is_file():
+            _say(progress, f"{old.name} has no holdout split: its holdout is carved out of what was its train split, "
+                           f"so this prepares a new dataset {directory.name} (train changes, val stays the same); "
+                           f"{old.name} stays as it was for replays of the runs made on it")
+            return
 
 
 @contextlib.contextmanager
@@ -144,7 +174,7 @@ def _steps(parsed: DatasetSpec, spec: str, directory: Path, home_dir: Path, voca
            tokenizer_chars: int, progress: bool) -> None:
     index = _text_step(parsed, directory, home_dir, num_shards, progress)
     tokenizer = _tokenizer_step(directory, vocab_size, tokenizer_chars, progress)
-    for split in ("train", "val"):
+    for split in SPLITS:
         if not tokens.is_tokenized(directory, split):
             _remove(directory, [MANIFEST_FILE])
             tokens.tokenize_split(tokenizer, shard_paths(directory / TEXT_DIR, split), directory, split,
@@ -167,7 +197,10 @@ def _remove(directory: Path, names: list[str]) -> None:
 def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, progress: bool) -> TextIndex:
     text_dir = directory / TEXT_DIR
     if (text_dir / INDEX_FILE).is_file():
-        return TextIndex.load(text_dir)
+        index = TextIndex.load(text_dir)
+        if index.holdout or spec.kind != "climbmix":
+            return index
+        return _add_holdout(index, directory, home, progress)
     _remove(directory, TOKENIZER_FILES + TOKEN_FILES + [MANIFEST_FILE])
     partial = directory / f"{TEXT_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -182,6 +215,18 @@ def _text_step(spec: DatasetSpec, directory: Path, home: Path, num_shards: int, 
         index = localtext.build(spec.path, partial, progress=progress)
     index.save(partial)
     os.replace(partial, text_dir)
+    return index
+
+
+def _add_holdout(index: TextIndex, directory: Path, home: Path, progress: bool) -> TextIndex:
+    """Give a ClimbMix folder prepared before the holdout existed its holdout shard, in place: the
+    train and val splits, the tokenizer and the corpus hash stay as they are."""
+    _say(progress, f"{directory.name}: adding the sealed holdout split ({climbmix.HOLDOUT_RULE}); "
+                   "train, val, the tokenizer and the corpus hash stay as they are")
+    _remove(directory, [f"holdout.{kind}.npy" for kind in ("tokens", "docs")] + [MANIFEST_FILE])
+    text_dir = directory / TEXT_DIR
+    index = climbmix.add_holdout(index, text_dir, home / "downloads" / "climbmix", progress=progress)
+    index.save(text_dir)  # after the shard is linked: a kill before leaves the old index, and this runs again
     return index
 
 
@@ -202,16 +247,18 @@ def _tokenizer_step(directory: Path, vocab_size: int, max_chars: int, progress: 
 
 def _write_manifest(directory: Path, spec: str, index: TextIndex, tokenizer: bpe.Tokenizer,
                     tokenizer_chars: int) -> None:
-    docs = {split: np.load(tokens.token_paths(directory, split)[1]) for split in ("train", "val")}
-    for split, starts in docs.items():
-        if len(starts) < 2:  # a document's start and the end: at least one document
+    docs = {split: np.load(tokens.token_paths(directory, split)[1]) for split in SPLITS}
+    for split in ("train", "val"):  # the holdout may be empty (a tiny local folder): then nothing scores it
+        if len(docs[split]) < 2:  # a document's start and the end: at least one document
             raise DatasetError(f"dataset {spec}: the {split} split has no documents in {directory}; delete that "
                                "folder and run `nightlab prepare` again")
     val = np.load(tokens.token_paths(directory, "val")[0], mmap_mode="r")
+    holdout = np.load(tokens.token_paths(directory, "holdout")[0], mmap_mode="r")
     manifest = {
         "spec": spec,
         "sources": index.sources,
         "split": index.split,
+        "holdout": index.holdout,
         "corpus_hash": index.corpus_hash,
         "details": index.details,
         "vocab_size": tokenizer.vocab_size,
@@ -223,6 +270,9 @@ def _write_manifest(directory: Path, spec: str, index: TextIndex, tokenizer: bpe
         "train_tokens": int(docs["train"][-1]),
         "val_tokens": int(docs["val"][-1]),
         "val_bytes": _byte_count(val, tokenizer.token_bytes),
+        "holdout_documents": len(docs["holdout"]) - 1,
+        "holdout_tokens": int(docs["holdout"][-1]),
+        "holdout_bytes": _byte_count(holdout, tokenizer.token_bytes),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     tmp = directory / f".{MANIFEST_FILE}.{os.getpid()}.tmp"

@@ -4,6 +4,11 @@ field per line) or ``.txt`` files (one document per file), searched recursively.
 Validation split: the files whose name starts with ``val`` (``val.parquet``, ``val-0.jsonl``, ...).
 When no file does, a document is validation when the first byte of the SHA-1 of its UTF-8 text is
 below ``HASH_SPLIT_BELOW`` (about 5 % of the documents), so the split depends on the text alone.
+
+Holdout split (sealed: scored for kept experiments only): the files whose name starts with
+``holdout``. When no file does, the training documents whose SHA-1's first byte is at least
+``HASH_SPLIT_BELOW`` and below twice that (another 5 %). Recipe 2; recipe 1 had no holdout and
+trained on those documents, so the dataset's folder name changed with it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from nightlab.lab.shards import DatasetError, ShardWriter, TextIndex, file_sha25
 
 SUFFIXES = (".parquet", ".jsonl", ".txt")
 VAL_PREFIX = "val"
-HASH_SPLIT_BELOW = 13  # first SHA-1 byte below this: validation (13/256, about 5 %)
+HOLDOUT_PREFIX = "holdout"
+HASH_SPLIT_BELOW = 13  # first SHA-1 byte below this: validation (13/256, about 5 %); below twice this: holdout
+RECIPE = 2  # 2: the holdout split exists
 
 FILE_RULE = "validation = the files whose name starts with 'val'; training = the other files"
 HASH_RULE = (f"no file name starts with 'val': validation = the documents whose SHA-1 (of the UTF-8 text) "
              f"has a first byte below {HASH_SPLIT_BELOW} (about 5 %); training = the rest")
+HOLDOUT_FILE_RULE = "holdout = the files whose name starts with 'holdout' (not in training)"
+HOLDOUT_HASH_RULE = (f"no file name starts with 'holdout': holdout = the training documents whose SHA-1 (of the "
+                     f"UTF-8 text) has a first byte from {HASH_SPLIT_BELOW} to {2 * HASH_SPLIT_BELOW - 1} (about 5 %)")
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -37,8 +47,18 @@ def is_val_file(path: Path) -> bool:
     return path.name.startswith(VAL_PREFIX)
 
 
+def is_holdout_file(path: Path) -> bool:
+    return path.name.startswith(HOLDOUT_PREFIX)
+
+
+def document_split(text: str) -> str:
+    """The split of a document by the hash of its text: val, holdout or train."""
+    first = hashlib.sha1(text.encode("utf-8")).digest()[0]
+    return "val" if first < HASH_SPLIT_BELOW else "holdout" if first < 2 * HASH_SPLIT_BELOW else "train"
+
+
 def is_val_document(text: str) -> bool:
-    return hashlib.sha1(text.encode("utf-8")).digest()[0] < HASH_SPLIT_BELOW
+    return document_split(text) == "val"
 
 
 def read_documents(path: Path) -> Iterator[list[str]]:
@@ -70,7 +90,7 @@ def read_documents(path: Path) -> Iterator[list[str]]:
 
 
 def build(folder: Path, text_dir: Path, *, progress: bool = True) -> TextIndex:
-    """Write the folder's documents into train/val text shards under ``text_dir``."""
+    """Write the folder's documents into train/val/holdout text shards under ``text_dir``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"local:{folder}: no such folder; give a folder of .parquet, .jsonl or .txt files")
@@ -78,15 +98,17 @@ def build(folder: Path, text_dir: Path, *, progress: bool = True) -> TextIndex:
     if not files:
         raise DatasetError(f"local:{folder}: no .parquet, .jsonl or .txt files in it")
     by_file = any(is_val_file(p) for p in files)
+    holdout_by_file = any(is_holdout_file(p) for p in files)
     sources = []
     with ShardWriter(text_dir, "train") as train, ShardWriter(text_dir, "val") as val, \
+            ShardWriter(text_dir, "holdout") as holdout, \
             progress_bars.bar(f"reading {folder.name}", len(files), enabled=progress) as bar:
+        writers = {"train": train, "val": val, "holdout": holdout}
         for path in files:
             for texts in read_documents(path):
                 for text in texts:
-                    to_val = is_val_file(path) if by_file else is_val_document(text)
-                    (val if to_val else train).add(text)
-            split = ("val" if is_val_file(path) else "train") if by_file else "by document"
+                    writers[split_of(path, text, by_file, holdout_by_file)].add(text)
+            split = _file_split(path, by_file, holdout_by_file)
             sources.append({"name": path.relative_to(folder).as_posix(), "sha256": file_sha256(path),
                             "bytes": path.stat().st_size, "split": split})
             bar.advance()
@@ -95,4 +117,27 @@ def build(folder: Path, text_dir: Path, *, progress: bool = True) -> TextIndex:
         empty = "training" if train.documents == 0 else "validation"
         raise DatasetError(f"local:{folder}: the {empty} split is empty ({rule}); add documents to it")
     return TextIndex(sources=sources, split=rule, corpus_hash=sources_hash(sources, rule),
-                     details={"folder": str(folder.resolve())})
+                     details={"folder": str(folder.resolve()), "recipe": RECIPE},
+                     holdout=HOLDOUT_FILE_RULE if holdout_by_file else HOLDOUT_HASH_RULE)
+
+
+def split_of(path: Path, text: str, by_file: bool, holdout_by_file: bool) -> str:
+    """The split of one document of ``path``: by its file's name where the folder names that split
+    (``by_file``: some file starts with ``val``; ``holdout_by_file``: with ``holdout``), else by its hash."""
+    if holdout_by_file and is_holdout_file(path):
+        return "holdout"
+    if by_file and is_val_file(path):
+        return "val"
+    split = document_split(text)
+    if (split == "val" and by_file) or (split == "holdout" and holdout_by_file):
+        return "train"
+    return split
+
+
+def _file_split(path: Path, by_file: bool, holdout_by_file: bool) -> str:
+    """A file's split as the index records it: val, holdout, train, or "by document" (its documents' hashes decide)."""
+    if holdout_by_file and is_holdout_file(path):
+        return "holdout"
+    if by_file and is_val_file(path):
+        return "val"
+    return "train" if by_file and holdout_by_file else "by document"

@@ -8,7 +8,9 @@ The recipe (the same on every machine, so the corpus and its hash can be rebuilt
 - unique by the SHA-1 of the file's bytes (first one seen wins; same bytes, same text);
 - corpus hash: SHA-256 of the 20-byte SHA-1 digests of all kept files, sorted and concatenated;
   the first 16 hex digits;
-- validation: the files whose SHA-1 digest's first byte is 0, 1 or 2; training: the rest;
+- validation: the files whose SHA-1 digest's first byte is 0, 1 or 2; the sealed holdout: those
+  whose first byte is 3, 4 or 5 (recipe 2; recipe 1 had no holdout and trained on these files);
+  training: the rest;
 - documents: passages of a file. Split the text at blank lines (``\\n\\s*\\n``), drop empty pieces,
   cut a piece longer than 6,000 characters into 6,000-character pieces, and join consecutive
   pieces with ``\\n\\n`` while the passage stays within 6,000 characters.
@@ -30,10 +32,13 @@ from nightlab.lab.shards import ShardWriter, TextIndex
 SCOPES = ("all", "stdlib")
 PASSAGE_CHARS = 6000
 VAL_FIRST_BYTES = (0, 1, 2)
+HOLDOUT_FIRST_BYTES = (3, 4, 5)  # as many files as validation, taken from what recipe 1 trained on
+RECIPE = 2  # 2: the holdout split exists; its files left the train split, so the dataset's folder name changed
 BLANK_LINES = re.compile(r"\n\s*\n")
 PACKAGE_FOLDERS = ("site-packages", "dist-packages")  # pruned from the stdlib walk of pycode:stdlib
 
 SPLIT_RULE = "validation = the files whose SHA-1 digest's first byte is 0, 1 or 2; training = the rest"
+HOLDOUT_RULE = "holdout = the files whose SHA-1 digest's first byte is 3, 4 or 5 (not in training)"
 
 
 def roots(scope: str) -> list[Path]:
@@ -78,7 +83,7 @@ def corpus_hash(digests: list[bytes]) -> str:
 
 
 def build(scope: str, text_dir: Path, *, progress: bool = True) -> TextIndex:
-    """Write the passages of every unique UTF-8 ``.py`` file into train/val text shards under ``text_dir``."""
+    """Write the passages of every unique UTF-8 ``.py`` file into train/val/holdout text shards under ``text_dir``."""
     if scope not in SCOPES:
         raise ValueError(f"pycode scope {scope!r}: use one of {', '.join(SCOPES)}")
     folders = roots(scope)
@@ -86,6 +91,7 @@ def build(scope: str, text_dir: Path, *, progress: bool = True) -> TextIndex:
     seen: set[bytes] = set()
     counts = {"files": 0, "bytes": 0, "not_utf8": 0, "duplicates": 0}
     with ShardWriter(text_dir, "train") as train, ShardWriter(text_dir, "val") as val, \
+            ShardWriter(text_dir, "holdout") as holdout, \
             progress_bars.bar("reading .py files", None, enabled=progress) as bar:
         for path in source_files(folders, prune=prune):
             bar.advance()
@@ -105,9 +111,9 @@ def build(scope: str, text_dir: Path, *, progress: bool = True) -> TextIndex:
             seen.add(digest)
             counts["files"] += 1
             counts["bytes"] += len(data)
-            writer = val if digest[0] in VAL_FIRST_BYTES else train
+            writer = val if digest[0] in VAL_FIRST_BYTES else holdout if digest[0] in HOLDOUT_FIRST_BYTES else train
             for passage in passages(text):
                 writer.add(passage)
     sources = [{"name": str(folder), "split": "by file"} for folder in folders]
     return TextIndex(sources=sources, split=SPLIT_RULE, corpus_hash=corpus_hash(list(seen)),
-                     details={"scope": scope, **counts})
+                     details={"scope": scope, "recipe": RECIPE, **counts}, holdout=HOLDOUT_RULE)

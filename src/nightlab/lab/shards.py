@@ -16,6 +16,9 @@ from typing import Any, Iterator
 class DatasetError(Exception):
     """A dataset cannot be built: the message names the input and the fix."""
 
+
+SPLITS = ("train", "val", "holdout")  # holdout: the sealed split, scored for kept experiments only
+
 ROWS_PER_GROUP = 1024  # documents per Parquet row group
 SHARD_CHARS = 256_000_000  # a shard rolls over after about this many characters
 
@@ -108,8 +111,9 @@ class TextIndex:
 
     sources: list[dict[str, Any]]  # [{name, sha256, bytes, split}, ...] or, for pycode, one entry per root
     split: str  # the validation rule, in words
-    corpus_hash: str  # 16 hex digits; printed beside every figure made from this text
+    corpus_hash: str  # 16 hex digits, of the train and val text; printed beside every figure made from it
     details: dict[str, Any] = field(default_factory=dict)  # facts of one source (climbmix: num_shards)
+    holdout: str = ""  # the holdout rule, in words; "" in a folder built before the holdout existed
 
     def save(self, text_dir: Path) -> None:
         (Path(text_dir) / INDEX_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -120,6 +124,7 @@ class TextIndex:
 
 
 def sources_hash(sources: list[dict[str, Any]], split_rule: str) -> str:
-    """Corpus hash of a dataset made of whole files: SHA-256 over the rule and each file's split and SHA-256."""
-    lines = sorted(f"{s['split']} {s['sha256']}\n" for s in sources)
+    """Corpus hash of a dataset made of whole files: SHA-256 over the rule and each train or val file's
+    split and SHA-256 (holdout files are left out, so adding a holdout keeps the hash of train and val)."""
+    lines = sorted(f"{s['split']} {s['sha256']}\n" for s in sources if s["split"] != "holdout")
     return hashlib.sha256((split_rule + "\n" + "".join(lines)).encode()).hexdigest()[:16]
