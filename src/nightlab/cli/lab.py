@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nightlab import config as cfg
 from nightlab.paths import state_dir
-from nightlab.cli.common import UserError
+from nightlab.cli.common import UserError, default_of, lab_default
 from nightlab.lab import datasets
 from nightlab.night.store import Store
 from nightlab.trial import pycache
@@ -30,9 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "you edit program.md, org/*.md and nightlab.toml.",
     )
     p.add_argument("dir", type=Path, help="folder to create (must not exist, or be empty)")
-    p.add_argument("--dataset", help="pycode (default), pycode:stdlib, climbmix or local:PATH")
-    p.add_argument("--budget", type=float, help="training seconds per experiment (default 300)")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dataset", help=f"{datasets.SPECS} (default {default_of('lab.dataset')})")
+    p.add_argument("--budget", type=float,
+                   help=f"training seconds per experiment (default {default_of('lab.budget_s')})")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {default_of('lab.device')})")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other nightlab.toml setting, e.g. --set run.baseline_runs=5 (repeatable)")
     p.set_defaults(func=cmd_init)
@@ -44,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "shards, a BPE tokenizer, and memory-mapped token arrays; where Python may not write bytecode beside torch, "
         "also a bytecode cache the trials import from. Safe to re-run: finished steps are kept.",
     )
-    p.add_argument("--dataset", help="override the lab's dataset: pycode, pycode:stdlib, climbmix, local:PATH")
-    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--num-shards", type=int, help="climbmix: number of training shards to download")
+    p.add_argument("--dataset", help=f"{datasets.SPECS} ({lab_default('lab.dataset')})")
+    p.add_argument("--vocab-size", type=int, help=f"BPE vocabulary size ({lab_default('lab.vocab_size')})")
+    p.add_argument("--num-shards", type=int,
+                   help=f"climbmix: training shards to download ({lab_default('lab.num_shards')})")
     add_lab_args(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -56,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train the lab's train.py once (its own process group, hard wall-clock cap), evaluate it "
         "in a separate process, print the summary and record the run under .nightlab/runs/.",
     )
-    p.add_argument("--budget", type=float, help="training seconds (default: lab.budget_s)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: lab.device)")
-    p.add_argument("--preset", choices=("auto", "gpu", "cpu"), help="model size preset (default: by device)")
-    p.add_argument("--seed", type=int, help="seed (default: lab.seed)")
+    p.add_argument("--budget", type=float, help=f"training seconds ({lab_default('lab.budget_s')})")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N ({lab_default('lab.device')})")
+    p.add_argument("--preset", choices=("auto", "gpu", "cpu"),
+                   help=f"model size preset; auto picks by device ({lab_default('lab.preset')})")
+    p.add_argument("--seed", type=int, help=f"seed ({lab_default('lab.seed')})")
     add_lab_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -70,10 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "./nightlab-demo), builds the embedded pycode dataset from this Python's standard library, and runs "
         "a few experiments with the search agent on the tiny CPU model. Re-running continues the same lab.",
     )
-    p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"), help="lab folder (default ./nightlab-demo)")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("nightlab-demo"),
+                   help="lab folder (default ./%(default)s)")
     p.add_argument("--experiments", type=int, default=4,
-                   help="experiments after the baseline runs (default 4); a re-run runs this many more")
-    p.add_argument("--budget", type=float, default=20, help="training seconds per experiment (default 20)")
+                   help="experiments after the baseline runs (default %(default)s); a re-run runs this many more")
+    p.add_argument("--budget", type=float, default=20, help="training seconds per experiment (default %(default)s)")
     p.set_defaults(func=cmd_demo)
 
 

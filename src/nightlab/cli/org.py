@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a folder of role files (repeat to compare; default: program.md alone)")
     p.add_argument("--policy", action="append", default=[], choices=("noise", "greedy"),
                    help="keep/discard policy (repeat to compare)")
-    p.add_argument("--experiments", type=int, default=300, metavar="N", help="experiments per simulated night")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="simulated GPUs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the surface and the agents")
+    p.add_argument("--experiments", type=int, default=300, metavar="N",
+                   help="experiments per simulated night (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="simulated GPUs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the surface and the agents (default %(default)s)")
     p.add_argument("--png", type=Path, metavar="FILE", help="also plot the curves to this PNG")
     p.add_argument("--dir", type=Path, metavar="DIR", help="keep the simulated labs here (default: a temp folder)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",

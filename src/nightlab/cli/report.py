@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
-from nightlab.cli.common import UserError
+from nightlab.cli.common import UserError, lab_default
 from nightlab.lab import datasets
 from nightlab.night.store import Store
 from nightlab.report import export
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", help="which run (default: the latest)")
     p.add_argument("--json", action="store_true", help="print one JSON object (stable keys) and exit")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until Ctrl-C")
+                   help="refresh every SECONDS (default %(const)g) until Ctrl-C")
     add_lab_args(p)
     p.set_defaults(func=cmd_status)
 
@@ -53,14 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loads its weights and samples text after --prompt. Falls back to LAB/.nightlab/best/.",
     )
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                   help="0 = always the likeliest token; higher is more varied (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K likeliest (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                   help="0 = always the likeliest token; higher is more varied (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample among the K likeliest, 0 = all (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--id", type=int, help="sample from this experiment instead of the best")
     p.add_argument("--tag", help="the run whose best to use (default: the latest)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: lab.device)")
+    p.add_argument("--device", help=f"cpu, cuda or cuda:N ({lab_default('lab.device')})")
     p.add_argument("--data", type=Path, metavar="DIR", help="the prepared dataset (default: the lab's)")
     p.add_argument("--json", action="store_true", help="print a JSON object with the text and token ids")
     add_lab_args(p)

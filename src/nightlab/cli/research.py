@@ -16,7 +16,7 @@ import filelock
 from nightlab import config as cfg
 from nightlab.cli.lab import add_lab_args, find_lab
 from nightlab.paths import state_dir
-from nightlab.cli.common import UserError
+from nightlab.cli.common import UserError, lab_default
 from nightlab.cli.org import scheduler_for, team_for
 from nightlab.lab import datasets
 from nightlab.night import git
@@ -42,17 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Ctrl-C once finishes the current experiment and stops; twice stops at once. After a crash or kill, "
         "`nightlab run --resume` continues with nothing lost.",
     )
-    p.add_argument("--agent", help="who proposes: search (default), api, cli or scripted (default: run.agent)")
-    p.add_argument("--max-experiments", type=int, metavar="N", help="stop when the run has N experiments")
-    p.add_argument("--hours", type=float, metavar="H", help="start no new experiment after H hours")
+    p.add_argument("--agent", help=f"who proposes: {', '.join(cfg.AGENTS)} ({lab_default('run.agent')})")
+    p.add_argument("--max-experiments", type=int, metavar="N",
+                   help=f"stop when the run has N experiments; 0 = no limit ({lab_default('run.max_experiments')})")
+    p.add_argument("--hours", type=float, metavar="H",
+                   help=f"start no new experiment after H hours; 0 = no limit ({lab_default('run.hours')})")
     p.add_argument("--tag", help="run name, branch nightlab/<tag> (default: today's date)")
     p.add_argument("--resume", action="store_true", help="continue the run named by --tag, else the latest")
     p.add_argument("--devices", metavar="LIST", help="one experiment per device at once: GPU indices or cpu, "
                    "e.g. 0,1 (default: one, on lab.device)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local (this machine) or ray (an existing Ray cluster, one GPU per trial)")
-    p.add_argument("--address", default="auto", help="Ray cluster address for --executor ray (default: auto)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="trials at once with --executor ray")
+                   help="local (this machine) or ray (an existing Ray cluster, one GPU per trial; default %(default)s)")
+    p.add_argument("--address", default="auto", help="Ray cluster address for --executor ray (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="trials at once with --executor ray (default %(default)s)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
