@@ -234,9 +234,9 @@ class ApiProposer:
 def _import_sdk(provider: str) -> Any:
     try:
         if provider == "openai":
-            import openai as sdk
+            import openai as sdk  # deferred: optional SDK (nightlab[api])
         else:
-            import anthropic as sdk
+            import anthropic as sdk  # deferred: optional SDK (nightlab[api])
     except ImportError:
         raise ConfigError(
             f"the api agent with provider {provider} needs the {provider} package: pip install 'nightlab[api]'"

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nightlab import agents
 from nightlab.agents.api import ApiProposer
 from nightlab.agents.lead import ApiLead, StatsLead
@@ -90,8 +92,6 @@ class Org:
 
 def split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
     """(front matter, body) of a role file that starts with a ``---`` line and closes it with one."""
-    import yaml
-
     lines = text.splitlines(keepends=True)
     if not lines or lines[0].strip() != "---":
         raise OrgError(f"{where}: no front matter; start the file with a line '---', the fields "

@@ -54,7 +54,7 @@ class Dimension:
     baseline: float  # the value in the sampler's own units (the exponent for pow2)
 
     def distribution(self) -> Any:
-        from optuna.distributions import FloatDistribution, IntDistribution
+        from optuna.distributions import FloatDistribution, IntDistribution  # deferred: optuna is heavy
 
         if self.kind == "float":
             return FloatDistribution(self.low, self.high, log=self.log)
@@ -187,7 +187,7 @@ class SearchProposer:
         )
 
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # deferred: optuna is heavy
 
         with self._lock:
             if self.local is not None:
@@ -221,7 +221,7 @@ class SearchProposer:
             if pending.description == proposal.description and pending.params == proposal.params:
                 del self._pending[i]
                 return number
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # deferred: optuna is heavy
 
         # After a restart: a trial asked by an earlier process and never told.
         for trial in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -233,7 +233,7 @@ class SearchProposer:
         """Load or create the study; its space is fixed when it is created."""
         if self._study is not None:
             return
-        import optuna
+        import optuna  # deferred: heavy (0.3 s), and local mode never needs it
 
         # Optuna logs every finished trial at INFO; the loop's own log says what matters.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -255,7 +255,7 @@ class SearchProposer:
         self._study, self._space = study, space
 
     def _sampler(self, offset: int) -> Any:
-        import optuna
+        import optuna  # deferred: optuna is heavy
 
         seed = self.seed + offset  # a resumed study draws fresh random numbers, not the same ones
         if self.config.sampler == "cmaes":

@@ -112,7 +112,7 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, Path | None, list[str
 
 
 def _print_table(results: list) -> None:
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is heavy, and only this table needs it
     from rich.table import Table
 
     table = Table(title="best val_bpb so far (measured / true value of that train.py)")
@@ -137,7 +137,7 @@ def _print_table(results: list) -> None:
 
 
 def _plot(results: list, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: heavy (1 s), only for --png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import webbrowser
 from pathlib import Path
 
 from nightlab import config as cfg
@@ -99,8 +100,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"charts: {files.progress_png}, {files.timeline_png}")
         print(f"results: {files.results_tsv}")
     if args.open:
-        import webbrowser
-
         if not webbrowser.open(files.html.resolve().as_uri()):
             print(f"no browser found here; copy {files.html} to a machine with one (it is self-contained)")
     return 0

@@ -44,7 +44,7 @@ def shard_names(num_shards: int) -> tuple[list[str], str]:
 
 def _byte_counter(bar: progress_bars.Bar):
     """A tqdm class for ``hf_hub_download`` that feeds every file's byte counts into one shared progress bar."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: only a download needs it (huggingface_hub's progress class)
 
     lock = threading.Lock()
     expected = [0]
@@ -66,7 +66,7 @@ def _byte_counter(bar: progress_bars.Bar):
 
 def download(dest: Path, names: list[str], *, progress: bool = True, workers: int = DOWNLOAD_WORKERS) -> list[Path]:
     """Fetch the named shards into ``dest`` in parallel; returns their paths in the same order."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants, hf_hub_download  # deferred: SDK, only a download needs it
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     dest.mkdir(parents=True, exist_ok=True)

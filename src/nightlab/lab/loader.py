@@ -122,7 +122,7 @@ class TrainLoader:
             epoch += 1
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", int]]:  # noqa: F821
-        import torch
+        import torch  # deferred: heavy; the loader's index work is plain numpy
 
         cuda = self.device.startswith("cuda")
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)

@@ -37,6 +37,7 @@ def bar(description: str, total: float | None = None, *, enabled: bool = True, u
     if not enabled:
         yield _Silent()
         return
+    # deferred: rich is heavy, and a silent step never needs it
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 

@@ -56,7 +56,7 @@ class ShardWriter:
         self.close()
 
     def _flush(self) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy (0.1 s); only writing or reading shards needs it
         import pyarrow.parquet as pq
 
         if not self._rows:
@@ -81,7 +81,7 @@ def shard_paths(text_dir: Path, split: str) -> list[Path]:
 
 def iter_text_batches(paths: list[Path], batch_size: int = ROWS_PER_GROUP) -> Iterator[list[str]]:
     """Lists of documents, in file order; rows with no text (null or empty) are skipped."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: heavy (0.1 s)
 
     for path in paths:
         file = pq.ParquetFile(path)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import rustbpe
+import tiktoken
 
 BOS = "<|bos|>"
 TOKENIZER_FILE = "tokenizer.pkl"
@@ -24,8 +26,6 @@ TRAIN_CHARS = 2_000_000_000  # the tokenizer learns from at most this many chara
 
 class Tokenizer:
     def __init__(self, pattern: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
-        import tiktoken
-
         self.pattern = pattern
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens = special_tokens
@@ -81,8 +81,6 @@ def _bounded(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train(texts: Iterable[str], vocab_size: int, *, max_chars: int = TRAIN_CHARS) -> Tokenizer:
     """Learn a BPE vocabulary of ``vocab_size`` ids (BOS included) from at most ``max_chars`` characters."""
-    import rustbpe
-
     if not 257 <= vocab_size <= 65536:
         raise ValueError(f"vocab_size = {vocab_size}: choose between 257 (256 bytes + BOS) and 65536")
     learner = rustbpe.Tokenizer()

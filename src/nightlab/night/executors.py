@@ -19,6 +19,7 @@ import functools
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,6 @@ def local_workers(devices: list[str], trainer: Any = run_trial) -> list[Worker]:
 def _on_device(trainer: Any, device: str, device_env: dict[str, str], workdir: Path, run_dir: Path, config: Config,
                seed: int, **kw: Any) -> TrialResult:
     """The trial on this worker's device: inside, the one GPU it sees is ``cuda``."""
-    from dataclasses import replace
-
     config = replace(config, lab=replace(config.lab, device=device))
     return trainer(workdir, run_dir, config, seed, env={**device_env, **(kw.pop("env", None) or {})}, **kw)
 
@@ -62,7 +61,7 @@ def ray_workers(address: str, count: int, lab_dir: Path, *, num_gpus: float = 1.
     a local instance). ``num_gpus`` per task: 1 on a GPU cluster, 0 on CPU nodes (as the tests do).
     """
     try:
-        import ray
+        import ray  # deferred: optional (nightlab[cluster]) and heavy
     except ImportError:
         raise ImportError("the Ray executor needs Ray: pip install 'nightlab[cluster]'") from None
     if not ray.is_initialized():
@@ -77,7 +76,7 @@ def _ray_trial(task: Any, options: dict[str, Any], workdir: Path, run_dir: Path,
                data_dir: Path,
                on_progress: Any = None, on_stage: Any = None, env: dict[str, str] | None = None) -> TrialResult:
     """Send ``workdir``'s files with the task, run it, write the files it sends back into ``run_dir``."""
-    import ray
+    import ray  # deferred: optional (nightlab[cluster]) and heavy
 
     files = {str(p.relative_to(workdir)): p.read_bytes() for p in Path(workdir).rglob("*")
              if p.is_file() and ".git" not in p.relative_to(workdir).parts and "__pycache__" not in p.parts}

@@ -55,7 +55,7 @@ def export_mlflow(lab_dir: Path | str, tracking_uri: str | None = None, experime
                   run_tag: str | None = None) -> MlflowExport:
     """Log each finished experiment of the run as an MLflow run (params, metrics, tags, its diff)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: optional SDK (nightlab[mlflow])
     except ImportError:
         raise MissingMlflow("mlflow is not installed here; `pip install mlflow` (or mlflow-skinny), then export "
                             "again") from None
@@ -93,7 +93,7 @@ def _exported_ids(client, experiment_id: str, run_tag: str) -> set[int]:
 
 
 def _log_row(client, experiment_id: str, night: Night, row: Row) -> None:
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param, RunTag  # deferred: optional SDK (nightlab[mlflow])
 
     e = row.exp
     start, end = _millis(e.started_at or e.created_at), _millis(e.finished_at)

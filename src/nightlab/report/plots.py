@@ -28,7 +28,7 @@ DPI = 110
 
 def progress_png(night: Night) -> bytes:
     """val_bpb of every experiment by its number, the running best as a staircase, kept changes labelled."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib is heavy (1 s)
     from matplotlib.transforms import blended_transform_factory
 
     fig = Figure(figsize=(12, 6), dpi=DPI, layout="constrained")
@@ -84,7 +84,7 @@ def progress_png(night: Night) -> bytes:
 
 def timeline_png(night: Night) -> bytes:
     """One lane per worker: training, evaluating and idle time across the night."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib is heavy (1 s)
     from matplotlib.patches import Patch
 
     lanes = timeline(night.rows)

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab.lab.session import resolve_device
+from nightlab.lab.tokenizer import Tokenizer
 from nightlab.paths import state_dir
 from nightlab.night import git
 from nightlab.night.store import Experiment, Store
@@ -110,11 +112,9 @@ def sample(source: ModelSource, data_dir: Path | str, prompt: str = "", *, token
            temperature: float = 0.8, top_k: int = 50, seed: int = 0, device: str = "cpu",
            preset: str | None = None) -> Sample:
     """Generate ``tokens`` text tokens after ``prompt`` with the model of ``source``."""
-    import torch
+    import torch  # deferred: heavy; `nightlab report` and `status` import this module without it
 
-    from nightlab.lab.evaluate import load_model
-    from nightlab.lab.session import resolve_device
-    from nightlab.lab.tokenizer import Tokenizer
+    from nightlab.lab.evaluate import load_model  # deferred: imports torch
 
     if tokens < 1:
         raise ValueError(f"tokens = {tokens}: ask for at least 1")

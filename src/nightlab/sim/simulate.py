@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -433,8 +434,6 @@ class SimulatedResearcher:
 
 def make_lab(path: Path, org: Path | None = None, train_py: str | None = None) -> Path:
     """A simulated lab folder: the template train.py and program.md, the org's role files, notes."""
-    from importlib.resources import files
-
     template = files("nightlab.template")
     path.mkdir(parents=True, exist_ok=True)
     (path / TARGET).write_text(train_py if train_py is not None else template.joinpath("train.py").read_text())
