@@ -286,7 +286,7 @@ def _progress_text(lane: Lane) -> str:
 
 def render(snap: Snapshot):
     """The snapshot as a ``rich`` renderable: lanes with progress bars, the leaderboard, the latest events."""
-    from rich.console import Group
+    from rich.console import Group  # deferred: rich is heavy; plain and --json output never load it
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
@@ -326,7 +326,7 @@ _STYLE = {"keep": "green", "discard": "", "crash": "red", "timeout": "dark_orang
 
 def print_snapshot(snap: Snapshot, console=None) -> None:
     """Print once: the rich layout on a terminal, plain lines otherwise."""
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is heavy; plain and --json output never load it
 
     console = console or Console()
     if console.is_terminal:
@@ -340,7 +340,7 @@ def watch(snapshot: Callable[[], Snapshot], interval_s: float = 2.0, console=Non
           updates: int | None = None) -> None:
     """Refresh every ``interval_s`` until Ctrl-C (or ``updates`` times): in place on a terminal,
     else a new plain block each time, separated by a blank line."""
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is heavy; plain and --json output never load it
     from rich.live import Live
 
     console = console or Console()
@@ -389,7 +389,7 @@ class LiveView:
 
     def __init__(self, store: Store, lab_dir: Path | str, run_tag: str, *, budget_s: float | None = None,
                  console=None, refresh_s: float = 1.0, events: int = EVENTS):
-        from rich.console import Console
+        from rich.console import Console  # deferred: rich is heavy; plain and --json output never load it
 
         self.store, self.lab_dir, self.run_tag, self.budget_s = store, Path(lab_dir), run_tag, budget_s
         self.console = console or Console()
@@ -408,7 +408,7 @@ class LiveView:
 
     def __enter__(self) -> LiveView:
         if self.interactive:
-            from rich.live import Live
+            from rich.live import Live  # deferred: rich is heavy; plain and --json output never load it
 
             self._take()
             self._live = Live(get_renderable=self._renderable, console=self.console,
@@ -470,7 +470,7 @@ class LiveView:
             self._snap, self._taken = snap, time.monotonic()
 
     def _renderable(self):
-        from rich.text import Text
+        from rich.text import Text  # deferred: rich is heavy; plain and --json output never load it
 
         with self._lock:
             snap, taken, lines, events = self._snap, self._taken, dict(self._lines), tuple(self.events)

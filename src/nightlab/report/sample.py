@@ -138,7 +138,7 @@ def sample(source: ModelSource, data_dir: Path | str, prompt: str = "", *, token
 def generate(model, ids: list[int], n: int, *, allowed, temperature: float, top_k: int, seed: int,
              device: str, context: int = CONTEXT) -> list[int]:
     """``n`` new token ids after ``ids``, drawn only from the ``allowed`` (bool[vocab]) ids."""
-    import torch
+    import torch  # deferred: heavy
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     window = list(ids)
