@@ -59,7 +59,7 @@ def test_every_status_path_is_recorded_and_the_loop_goes_on(tmp_path, data_dir):
     assert [e.id for e in new] == [e.id for e in lab.experiments()[1:]]
     assert {d: e.status for d, e in rows.items()} == {
         "baseline": "keep", "sharper unigram": "keep", "noisy logits": "discard", "crashing": "crash",
-        "diverging": "crash", "hanging": "timeout", "scratch notes": "invalid", "(agent failed)": "invalid",
+        "diverging": "crash", "hanging": "timeout", "scratch notes": "invalid", "(agent failed)": "agent_failed",
         "shorter docstring": "keep",
     }
     base, sharper, simpler = rows["baseline"], rows["sharper unigram"], rows["shorter docstring"]
@@ -314,7 +314,7 @@ def test_a_git_killed_in_the_propose_worktree_costs_one_proposal(tmp_path, data_
              constant_step("noisier", "NOISE", 2.0)]
     run_single(lab, ScriptedProposer(steps), max_experiments=3)
     rows = [(e.description, e.status) for e in lab.experiments() if e.kind == "experiment"]
-    assert rows == [("sharper", "invalid"), ("sharper again", "keep"), ("noisier", "discard")]
+    assert rows == [("sharper", "agent_failed"), ("sharper again", "keep"), ("noisier", "discard")]
 
 
 def test_history_says_where_in_an_epoch_a_run_ended_once_it_repeats_data(tmp_path):
@@ -358,4 +358,4 @@ def test_a_proposal_that_cannot_be_admitted_is_recorded_against_its_agent(tmp_pa
     monkeypatch.setattr(loop_module, "admit", full_disk)
     run_single(lab, ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0)]), max_experiments=1)
     (row,) = [e for e in lab.experiments() if e.kind == "experiment"]
-    assert row.status == "invalid" and row.agent == "scripted" and "No space left on device" in row.reason
+    assert row.status == "agent_failed" and row.agent == "scripted" and "No space left on device" in row.reason

@@ -23,7 +23,7 @@ from nightlab.report import data
 from nightlab.night import git
 from nightlab.night.proposals import Proposal
 from nightlab.night.state import Lab
-from nightlab.night.proposals import admit, invalid_proposal
+from nightlab.night.proposals import admit, agent_failed
 from nightlab.night.store import Store
 
 T0 = datetime(2026, 3, 1, 22, 0, tzinfo=timezone.utc)
@@ -104,7 +104,7 @@ def simulated_night(root: Path, plan: tuple[str, ...] | list[str] = PLAN, worker
         lab.worker = worker
         description = f"{outcome}: try sharpness {sharpness + 0.01 * (i + 1):.2f} <& escaped>"
         if outcome == "agentfail":
-            exp = invalid_proposal(lab, best_commit, "api", "agent api failed: APITimeoutError: Request timed out.")
+            exp = agent_failed(lab, best_commit, "api", "agent api failed: APITimeoutError: Request timed out.")
             store.update(exp.id, started_at=_iso(clock[worker]), finished_at=_iso(clock[worker] + timedelta(seconds=5)),
                          cost_usd=0.02)
             continue
@@ -214,8 +214,8 @@ def test_failures_group_by_cause_with_numbers_generalised(night: SimulatedNight)
     assert len(shapes.ids) == PLAN.count("shape")
     assert ("crash", "NaN: training diverged") in by_cause
     assert ("timeout", "training passed the hard cap of N s and was stopped") in by_cause
-    invalid = [g for g in groups if g.status == "invalid"]
-    assert sum(len(g.ids) for g in invalid) == PLAN.count("invalid") + PLAN.count("agentfail")
+    assert sum(len(g.ids) for g in groups if g.status == "invalid") == PLAN.count("invalid")
+    assert sum(len(g.ids) for g in groups if g.status == "agent_failed") == PLAN.count("agentfail")
     sizes = [len(g.ids) for g in groups]
     assert sizes == sorted(sizes, reverse=True)  # largest group first
     assert sum(len(g.ids) for g in groups) == sum(PLAN.count(s) for s in ("oom", "shape", "nan", "timeout",

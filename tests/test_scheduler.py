@@ -93,15 +93,16 @@ def test_a_stale_win_that_no_longer_applies_goes_back_to_its_author(tmp_path):
     assert context(lab, agent=next(e for e in rows if e.status == "keep").agent).last_error == ""
 
 
-def test_the_same_win_twice_is_not_measured_again(tmp_path):
+def test_the_same_change_twice_is_refused_before_it_trains(tmp_path):
     lab = _simulated_lab(tmp_path)
     researchers = _two_researchers(constant_step("deeper", "DEPTH", 12), constant_step("deeper too", "DEPTH", 12))
     scheduler = Scheduler(lab, researchers, _workers(lab, 2))
     scheduler.run(max_experiments=2)
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
     assert len(rows) == 2 and scheduler.tally.reapplied == 0 and scheduler.tally.rows == 2
-    second = next(e for e in rows if e.status == "discard")
-    assert "already holds the change" in second.reason
+    first, second = rows
+    assert second.status == "repeat" and f"repeats #{first.id} (deeper; in flight)" in second.reason
+    assert not second.commit_sha and not lab.store.measurements(second.id)
 
 
 def test_past_the_deadline_a_queued_experiment_waits_for_the_next_run(tmp_path):
@@ -296,7 +297,7 @@ def test_a_keep_stays_a_keep_when_its_copy_to_best_fails(tmp_path):
     assert any(line.startswith("trial failed: nightlab error: FileExistsError") for line in said), said
 
 
-def test_a_proposal_that_cannot_be_prepared_is_invalid_and_the_night_goes_on(tmp_path):
+def test_a_proposal_that_cannot_be_prepared_is_agent_failed_and_the_night_goes_on(tmp_path):
     lab = _simulated_lab(tmp_path, seconds=0.05)
     blocked = lab.dir / ".nightlab" / "worktrees" / "propose-a"
     blocked.parent.mkdir(parents=True)
@@ -306,12 +307,12 @@ def test_a_proposal_that_cannot_be_prepared_is_invalid_and_the_night_goes_on(tmp
     Scheduler(lab, researchers, _workers(lab, 1)).run(max_experiments=3)
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
     assert len(rows) == 3
-    assert all(e.status == "invalid" and "could not prepare a proposal: FileExistsError" in e.reason
+    assert all(e.status == "agent_failed" and "could not prepare a proposal: FileExistsError" in e.reason
                for e in rows if e.agent == "a") and any(e.agent == "a" for e in rows)
     assert [(e.description, e.status) for e in rows if e.agent == "b"] == [("lower lr", "keep")]
 
 
-def test_a_proposal_that_cannot_be_admitted_is_an_invalid_row_and_the_night_goes_on(tmp_path, monkeypatch):
+def test_a_proposal_that_cannot_be_admitted_is_an_agent_failed_row_and_the_night_goes_on(tmp_path, monkeypatch):
     from nightlab.night import scheduler
 
     lab = _simulated_lab(tmp_path, seconds=0.05)
@@ -327,9 +328,9 @@ def test_a_proposal_that_cannot_be_admitted_is_an_invalid_row_and_the_night_goes
     steps = [constant_step("deeper", "DEPTH", 12), constant_step("lower lr", "MATRIX_LR", 0.02)]
     Scheduler(lab, [Researcher("a", ScriptedProposer(steps))], _workers(lab, 1)).run(max_experiments=2)
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
-    assert [(e.description, e.status) for e in rows][0] == ("deeper", "invalid")
+    assert [(e.description, e.status) for e in rows][0] == ("deeper", "agent_failed")
     assert "could not admit the proposal: OSError" in rows[0].reason
-    assert len(rows) == 2 and rows[1].description == "lower lr" and rows[1].status != "invalid"
+    assert len(rows) == 2 and rows[1].description == "lower lr" and rows[1].status != "agent_failed"
 
 
 def test_an_agent_that_keeps_failing_is_asked_again_later_and_later(tmp_path):
@@ -345,7 +346,7 @@ def test_an_agent_that_keeps_failing_is_asked_again_later_and_later(tmp_path):
     steps = [constant_step("deeper", "DEPTH", 12)]
     Scheduler(lab, [Researcher("a", BrokenProposer(steps))], _workers(lab, 1)).run(max_experiments=3)
     rows = [e for e in lab.experiments() if e.kind == "experiment"]
-    assert [e.status for e in rows] == ["invalid"] * 3 and "no such agent command" in rows[0].reason
+    assert [e.status for e in rows] == ["agent_failed"] * 3 and "no such agent command" in rows[0].reason
     created = [datetime.fromisoformat(e.created_at) for e in rows]
     assert (created[1] - created[0]).total_seconds() < 1.5  # one failure is asked again at once
     assert (created[2] - created[1]).total_seconds() >= 1.9  # the second waits 2 s

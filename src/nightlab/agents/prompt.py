@@ -42,7 +42,8 @@ def build_prompt(context: Context, instructions: str) -> Prompt:
     if context.claim.strip():
         sections.append(("Your agenda item", f"{context.claim.strip()}\n\nWork on this item; no one else is."))
     if context.last_error.strip():
-        sections.append(("The last experiment failed", _fenced(context.last_error.strip(), "text")))
+        title = "Your last proposal repeated an experiment" if context.repeats else "The last experiment failed"
+        sections.append((title, _fenced(context.last_error.strip(), "text")))
     for name in context.allowed_files:
         source = context.best_source.get(name)
         if source is not None:

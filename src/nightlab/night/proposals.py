@@ -1,12 +1,17 @@
 """Proposals: what a proposer is shown, what it returns, and how its edit becomes an experiment.
 
 ``Proposer`` is the one interface every agent implements (``nightlab.agents`` holds them);
-``context`` builds what it sees, ``admit`` checks and commits its edit as an experiment row, and
-``invalid_proposal`` records an attempt that produced none.
+``context`` builds what it sees, ``admit`` checks and commits its edit as an experiment row (or
+refuses it as a ``repeat`` of a change already measured or in flight, before it costs compute),
+and ``agent_failed`` records an attempt that produced none.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +19,7 @@ from typing import Any, Protocol
 from nightlab.night import history
 from nightlab.night.policy import CONFLICT
 from nightlab.night.state import Lab
-from nightlab.night.store import FINISHED, Experiment, now
+from nightlab.night.store import FAILED, FINISHED, Experiment, now
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Context:
     noise: float | None = None  # the policy's current noise width (val_bpb)
     allowed_files: tuple[str, ...] = ("train.py",)
     claim: str = ""  # the agenda item this proposer claimed (no other works on it meanwhile)
+    repeats: int = 0  # this proposer's latest proposals in a row that were refused as repeats
 
 
 @dataclass(frozen=True)
@@ -38,19 +44,21 @@ class Proposal:
 
     description: str  # one line, shown in logs and results.tsv
     rationale: str = ""
-    cost_usd: float = 0.0
-    tokens_in: int = 0
-    tokens_out: int = 0
+    cost_usd: float | None = 0.0  # None: the agent does not say what it cost (never a made-up 0)
+    tokens_in: int | None = 0
+    tokens_out: int | None = 0
     params: dict[str, float] = field(default_factory=dict)  # search agent: the constants it set
 
 
 class ProposalError(Exception):
     """The agent failed to produce a usable edit (bad reply, timeout). The loop records it and goes on.
 
-    What the failed attempt cost is still recorded: ``cost_usd``, ``tokens_in``, ``tokens_out``.
+    What the failed attempt cost is still recorded: ``cost_usd``, ``tokens_in``, ``tokens_out``
+    (None where the agent does not say).
     """
 
-    def __init__(self, reason: str, *, cost_usd: float = 0.0, tokens_in: int = 0, tokens_out: int = 0) -> None:
+    def __init__(self, reason: str, *, cost_usd: float | None = 0.0, tokens_in: int | None = 0,
+                 tokens_out: int | None = 0) -> None:
         super().__init__(reason)
         self.reason = reason
         self.cost_usd = cost_usd
@@ -84,7 +92,13 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
     done = lab.store.select(lab.run.tag, statuses=FINISHED, agent=agent, limit=1, newest_first=True)
     last = done[0] if done else None
     last_error = ""
-    if last is not None and last.status in ("crash", "timeout", "invalid"):
+    repeats = _repeats_in_a_row(lab, agent) if last is not None and last.status == "repeat" else 0
+    if repeats:
+        last_error = f"your proposal #{last.id} ({last.description}) was not trained: {last.reason}"
+        if repeats >= lab.config.run.max_repeats:
+            last_error += (f"\nYour last {repeats} proposals all repeated experiments already measured or in "
+                           "flight. Stop varying this idea: read the history and try a different direction.")
+    elif last is not None and last.status in FAILED:
         last_error = f"experiment #{last.id} ({last.description}) was {last.status}: {last.reason}"
         if last.error:
             last_error += f"\n{last.error}"
@@ -103,7 +117,18 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
         noise=noise,
         allowed_files=lab.config.lab.allowed_files,
         claim=claim,
+        repeats=repeats,
     )
+
+
+def _repeats_in_a_row(lab: Lab, agent: str | None) -> int:
+    """How many of ``agent``'s newest finished proposals in a row were refused as repeats."""
+    count = 0
+    for exp in lab.store.select(lab.run.tag, statuses=FINISHED, agent=agent, limit=64, newest_first=True):
+        if exp.status != "repeat":
+            break
+        count += 1
+    return count
 
 
 def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kind: str = "experiment",
@@ -112,6 +137,8 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
 
     An edit outside the allowed files, or no edit at all, is recorded as ``invalid`` with no
     commit and the worktree is reverted; the reason reaches the next proposer as its last error.
+    An agent's edit that repeats a change already measured or in flight (``repeat_of``) is recorded
+    as a ``repeat`` naming that experiment, with no commit, and is never trained.
     ``allowed`` narrows ``lab.allowed_files`` (a role's ``edits``); ``extra`` are more columns of the
     row (``claim``, ``origin_id``).
     """
@@ -134,6 +161,16 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
                                        finished_at=now())
         lab.say(f"#{exp.id} invalid: {reason}")
         return exp
+    if kind == "experiment" and "origin_id" not in extra:  # a re-application repeats its origin on purpose
+        same = repeat_of(lab, work, parent, allowed)
+        if same is not None:
+            git.worktree_reset(work, parent)
+            state = "in flight" if not same.finished else f"measured: {same.status}"
+            reason = f"repeats #{same.id} ({same.description}; {state}), so it was not trained; propose something else"
+            exp = lab.store.add_experiment(lab.run.tag, **common, status="repeat", stage="done", reason=reason,
+                                           finished_at=now())
+            lab.say(f"#{exp.id} refused: it repeats #{same.id}")
+            return exp
     message = f"{common['description']}\n\n{proposal.rationale}\n\nnightlab-run: {lab.run.tag}\n".replace("\n\n\n", "\n\n")
     commit = git.commit_all(work, message)
     stats = git.diff_stats(lab.dir, parent, commit)
@@ -145,16 +182,81 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
     return exp
 
 
-def invalid_proposal(lab: Lab, parent: str, agent: str, reason: str, spent: Proposal | None = None,
-                     **extra: Any) -> Experiment:
-    """Record an agent that failed to propose (bad reply, timeout, error): ``invalid``, the loop goes on."""
+def agent_failed(lab: Lab, parent: str, agent: str, reason: str, spent: Proposal | None = None,
+                 **extra: Any) -> Experiment:
+    """Record an agent that failed to propose (bad reply, timeout, error): ``agent_failed``, with
+    what the attempt cost; the loop goes on."""
     spent = spent or Proposal("(agent failed)")
     exp = lab.store.add_experiment(lab.run.tag, kind="experiment", worker=lab.worker, agent=agent,
-                                   parent_commit=parent, description=spent.description, status="invalid",
+                                   parent_commit=parent, description=spent.description, status="agent_failed",
                                    stage="done", reason=reason, cost_usd=spent.cost_usd, tokens_in=spent.tokens_in,
                                    tokens_out=spent.tokens_out, finished_at=now(), **extra)
-    lab.say(f"#{exp.id} invalid: {reason}")
+    lab.say(f"#{exp.id} agent failed: {reason}")
     return exp
+
+
+# -- repeats ----------------------------------------------------------------------------------
+
+
+def repeat_of(lab: Lab, work: Path, parent: str, files: tuple[str, ...]) -> Experiment | None:
+    """The experiment of this run whose change the edit in ``work`` repeats, if any: the same
+    normalized content of ``files`` as its commit, or the same normalized diff against its parent.
+    Every experiment with a commit counts: measured, queued or training now."""
+    content = {name: _read(work / name) if (work / name).exists() else None for name in files}
+    base = {name: lab.git.read_file(lab.dir, parent, name) for name in files}
+    mine = _signature(_normalize(base), _normalize(content))
+    if not mine[1]:
+        return None  # only comments or spacing changed: the code is its parent's
+    for exp in lab.store.select(lab.run.tag):
+        if not exp.commit_sha or exp.status in ("repeat", "agent_failed"):
+            continue
+        theirs = _commit_signature(lab.git, lab.dir, exp.parent_commit or exp.commit_sha, exp.commit_sha, files)
+        if theirs[0] == mine[0] or theirs[1] == mine[1]:
+            return exp
+    return None
+
+
+# A trailing comment without quotes after its '#': edits that differ only in what a comment says
+# are the same experiment. (A regex, not tokenize: a changed line alone need not tokenize.)
+_COMMENT = re.compile(r"\s*#[^'\"]*$")
+
+
+def _normalize(files: dict[str, str | None]) -> dict[str, tuple[str, ...] | None]:
+    """Each file as its code lines: comments and trailing spaces cut, inner runs of spaces made one,
+    blank lines dropped; indentation kept (it is Python's syntax)."""
+    out: dict[str, tuple[str, ...] | None] = {}
+    for name, text in files.items():
+        if text is None:
+            out[name] = None
+            continue
+        lines = []
+        for raw in text.splitlines():
+            code = _COMMENT.sub("", raw).rstrip()
+            indent = len(code) - len(code.lstrip())
+            if code.strip():
+                lines.append(code[:indent] + " ".join(code.split()))
+        out[name] = tuple(lines)
+    return out
+
+
+def _signature(before: dict[str, tuple[str, ...] | None], after: dict[str, tuple[str, ...] | None]) -> tuple[str, str]:
+    """(hash of the normalized content, hash of the normalized diff; "" when nothing but comments changed)."""
+    content = hashlib.sha256(repr(sorted(after.items())).encode()).hexdigest()
+    changes = []
+    for name in sorted(after):
+        old, new = before.get(name) or (), after[name] or ()
+        if old == new and (before.get(name) is None) == (after[name] is None):
+            continue
+        lines = [d for d in difflib.unified_diff(old, new, n=0, lineterm="") if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+        changes.append((name, after[name] is None, tuple(lines)))
+    return content, hashlib.sha256(repr(changes).encode()).hexdigest() if changes else ""
+
+
+@functools.lru_cache(maxsize=8192)  # commits never change: each is read once a night
+def _commit_signature(git: Any, repo: Path, parent: str, commit: str, files: tuple[str, ...]) -> tuple[str, str]:
+    before = {name: git.read_file(repo, parent, name) for name in files}
+    after = {name: git.read_file(repo, commit, name) for name in files}
+    return _signature(_normalize(before), _normalize(after))
 
 
 def observe(lab: Lab, proposer: Any, proposal: Proposal, exp: Experiment) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from nightlab.lab.session import resolve_device
 from nightlab.night.notes import Board
-from nightlab.night.proposals import Proposal, ProposalError, Proposer, admit, context, invalid_proposal, observe
+from nightlab.night.proposals import Proposal, ProposalError, Proposer, admit, agent_failed, context, observe
 from nightlab.night.recovery import recover
 from nightlab.night.state import Lab, Trainer
 from nightlab.night.store import Experiment, Store, now
@@ -153,6 +153,7 @@ class Scheduler:
         self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
         self.begun: set[int] = set()  # experiments with a trial started in this run
         self.deadline = float("inf")  # no new experiment starts after it (``run(hours=...)``)
+        self.over_budget = False  # the agents' cost reached run.max_cost_usd
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Scheduler:
 
         def more() -> bool:
             limit = max_experiments and counted + self.asked >= max_experiments
-            return not (stop.is_set() or limit or time.monotonic() >= self.deadline)
+            return not (stop.is_set() or limit or time.monotonic() >= self.deadline or self._spent())
 
         waited = 0.0
         pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="nightlab-worker")
@@ -405,9 +406,20 @@ class Scheduler:
             self._finished(exp)
 
     def _invalid(self, researcher: Researcher, parent: str, reason: str, spent: Proposal | None, claim: str) -> None:
-        """A proposal that failed (its agent, or nightlab preparing or admitting it) is an invalid row."""
+        """A proposal that failed (its agent, or nightlab preparing or admitting it) is an agent_failed row."""
         self.tally.rows += 1
-        self._finished(invalid_proposal(self.lab, parent, researcher.name, reason, spent, claim=claim))
+        self._finished(agent_failed(self.lab, parent, researcher.name, reason, spent, claim=claim))
+
+    def _spent(self) -> bool:
+        """The agents' known cost reached ``run.max_cost_usd``: no new proposal is asked (said once)."""
+        limit = self.lab.config.run.max_cost_usd
+        if not limit or self.lab.store.cost_usd(self.lab.run.tag) < limit:
+            return False
+        if not self.over_budget:
+            self.over_budget = True
+            self.lab.say(f"the agents have cost ${self.lab.store.cost_usd(self.lab.run.tag):.2f}, "
+                         f"run.max_cost_usd = ${limit:.2f}: no new proposals")
+        return True
 
     def _tell(self, researcher: Researcher) -> None:
         for proposal, exp in researcher.outcomes:

@@ -223,6 +223,11 @@ class Store:
         rows = self.conn.execute(sql + " GROUP BY status", (run_tag, kind) if kind else (run_tag,))
         return {status: n for status, n in rows}
 
+    def cost_usd(self, run_tag: str) -> float:
+        """What the agents of a run are known to have cost (rows that do not say are left out)."""
+        row = self.conn.execute("SELECT SUM(cost_usd) FROM experiments WHERE run_tag = ?", (run_tag,)).fetchone()
+        return float(row[0] or 0.0)
+
     def _check_columns(self, values: dict[str, Any]) -> None:
         unknown = set(values) - _WRITABLE
         if unknown:
@@ -266,11 +271,16 @@ class Store:
         for e in self.experiments(run_tag):
             if not e.finished:
                 continue
+            if e.status == "repeat":  # refused before it trained: no trial to list
+                continue
             commit = (e.commit_sha or "")[:7]
             val = f"{e.val_bpb:.6f}" if e.val_bpb is not None else "0.000000"
             memory = f"{(e.peak_memory_mb or 0.0) / 1024:.1f}"
             description = " ".join(e.description.split())
-            lines.append(f"{commit}\t{val}\t{memory}\t{e.status}\t{description}")
+            status = e.status
+            if status == "agent_failed":  # autoresearch's word for a run that produced nothing is crash
+                status, description = "crash", f"{description} -- {' '.join(e.reason.split())}"
+            lines.append(f"{commit}\t{val}\t{memory}\t{status}\t{description}")
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text("\n".join(lines) + "\n")

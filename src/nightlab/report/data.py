@@ -18,14 +18,13 @@ from pathlib import Path
 from nightlab.config import RunConfig
 from nightlab.paths import state_dir
 from nightlab.night import git, policy
-from nightlab.night.store import FINISHED, Experiment, Measurement, Run, Store
+from nightlab.night.store import FAILED, FINISHED, Experiment, Measurement, Run, Store
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-FAILED = ("crash", "timeout", "invalid")
 MAX_DIFF_CHARS = 60_000  # a diff longer than this is cut in the report (the commit has it whole)
 
 
@@ -84,15 +83,25 @@ class Segment:
 
 @dataclass(frozen=True)
 class Costs:
+    """What the agents cost: sums of what they reported; proposals whose agent does not say are
+    counted in ``unknown``, never as 0."""
+
     usd: float
     tokens_in: int
     tokens_out: int
     by_agent: dict[str, tuple[float, int, int, int]]  # agent -> (usd, tokens in, tokens out, proposals)
     keeps: int
+    unknown: int = 0  # proposals with no reported cost
+    gain: float | None = None  # val_bpb the kept changes won: the baseline's minus the best's
 
     @property
     def usd_per_keep(self) -> float | None:
         return self.usd / self.keeps if self.keeps else None
+
+    @property
+    def usd_per_milli_bpb(self) -> float | None:
+        """Dollars per 0.001 val_bpb of kept gain: the night's cost per kept gain."""
+        return self.usd / (self.gain * 1000) if self.gain and self.gain > 0 else None
 
 
 @dataclass(frozen=True)
@@ -342,12 +351,16 @@ def costs(rows: list[Row]) -> Costs:
         if r.exp.kind == "baseline":
             continue
         usd, t_in, t_out, n = by_agent.get(r.exp.agent or "(none)", (0.0, 0, 0, 0))
-        by_agent[r.exp.agent or "(none)"] = (usd + r.exp.cost_usd, t_in + r.exp.tokens_in, t_out + r.exp.tokens_out,
-                                              n + 1)
+        by_agent[r.exp.agent or "(none)"] = (usd + (r.exp.cost_usd or 0.0), t_in + (r.exp.tokens_in or 0),
+                                              t_out + (r.exp.tokens_out or 0), n + 1)
+    baseline = next((r.exp.val_bpb for r in rows if r.exp.kind == "baseline" and r.exp.val_bpb is not None), None)
+    kept = [r.exp.val_bpb for r in rows if r.status == "keep" and r.exp.kind != "baseline" and r.exp.val_bpb is not None]
     return Costs(
         usd=sum(v[0] for v in by_agent.values()), tokens_in=sum(v[1] for v in by_agent.values()),
         tokens_out=sum(v[2] for v in by_agent.values()), by_agent=by_agent,
         keeps=sum(1 for r in rows if r.status == "keep" and r.exp.kind != "baseline"),
+        unknown=sum(1 for r in rows if r.exp.kind != "baseline" and r.exp.cost_usd is None),
+        gain=baseline - min(kept) if baseline is not None and kept else None,
     )
 
 

@@ -321,7 +321,7 @@ def render(snap: Snapshot):
 
 
 _STYLE = {"keep": "green", "discard": "", "crash": "red", "timeout": "dark_orange", "invalid": "magenta",
-          "running": "blue"}
+          "agent_failed": "yellow", "repeat": "dim", "running": "blue"}
 
 
 def print_snapshot(snap: Snapshot, console=None) -> None:

@@ -93,6 +93,10 @@ def _costs_and_noise(night: Night) -> list[str]:
     c = costs(night.rows)
     n = night.noise
     per_keep = f", ${c.usd_per_keep:.2f} per kept change" if c.usd_per_keep is not None else ""
+    if c.usd_per_milli_bpb is not None:
+        per_keep += f", ${c.usd_per_milli_bpb:.2f} per 0.001 val_bpb gained"
+    if c.unknown:
+        per_keep += f"; {c.unknown} proposal(s) of agents that do not report their cost are not counted"
     measured = (f"measured {fmt_val(n.measured)} over {n.reruns} rerun(s)" if n.measured is not None
                 else "not measured (no reruns)")
     return ["## Cost and noise", "",
