@@ -180,7 +180,6 @@ def scheduler_for(lab, team, args: argparse.Namespace):
         elif args.devices:
             workers = executors.local_workers(args.devices.split(","))
         else:
-
             workers = [executors.Worker("local", lab.trainer, device=resolve_device(lab.config.lab.device))]
     except (ValueError, ImportError, ConnectionError) as e:
         raise UserError(str(e)) from None
