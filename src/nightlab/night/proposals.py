@@ -110,7 +110,8 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
     return Context(
         program=_read(lab.dir / "program.md") if program is None else program,
         best_source=source,
-        history=history.digest(lab.store, lab.run.tag, noise, max_chars=history_chars),
+        history=history.digest(lab.store, lab.run.tag, noise, max_chars=history_chars,
+                               diff_of=lambda e: diff(lab, e)),
         notes=_notes(lab.dir / "notes"),
         last_error=last_error,
         best_val_bpb=best.val_bpb if best else None,
@@ -119,6 +120,18 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
         claim=claim,
         repeats=repeats,
     )
+
+
+def diff(lab: Lab, exp: Experiment) -> str:
+    """``exp``'s change to the allowed files against its parent, as a unified diff (one line of context)."""
+    if not exp.commit_sha or not exp.parent_commit:
+        return ""
+    out = []
+    for name in lab.config.lab.allowed_files:
+        old = lab.git.read_file(lab.dir, exp.parent_commit, name) or ""
+        new = lab.git.read_file(lab.dir, exp.commit_sha, name) or ""
+        out += difflib.unified_diff(old.splitlines(), new.splitlines(), f"a/{name}", f"b/{name}", n=1, lineterm="")
+    return "\n".join(out)
 
 
 def _repeats_in_a_row(lab: Lab, agent: str | None) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from nightlab.paths import state_dir
 from nightlab.report.data import fmt_delta, fmt_seconds, fmt_val, parse_time, pick_run
+from nightlab.night import history
 from nightlab.night.store import Experiment, Store
 
 LEADERBOARD = 5
@@ -127,6 +128,7 @@ class Entry:
     delta: float | None
     description: str
     finished_at: str | None = None
+    training: str = ""  # how its first trial trained (tokens/s, steps, MFU, memory, startup, loss), or its error
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Snapshot:
     lanes: tuple[Lane, ...]
     leaderboard: tuple[Entry, ...]
     events: tuple[str, ...] = field(default_factory=tuple)
+    in_flight: tuple[Entry, ...] = ()  # experiments queued or training now, with their descriptions
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``nightlab status --json``)."""
@@ -171,7 +174,8 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
         parent = kept.get(e.parent_commit or "")
         delta = (e.val_bpb - parent.val_bpb if e.val_bpb is not None and parent is not None and parent.val_bpb
                  is not None and e.kind != "baseline" else None)
-        return Entry(e.id, e.status, e.val_bpb, delta, " ".join(e.description.split()), e.finished_at)
+        return Entry(e.id, e.status, e.val_bpb, delta, " ".join(e.description.split()), e.finished_at,
+                     training=history.training_of(store, e) if e.finished else "")
 
     keeps = [e for e in experiments if e.status == "keep" and e.val_bpb is not None]
     baseline = next((e for e in keeps if e.kind == "baseline"), None)
@@ -185,6 +189,7 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
         lanes=tuple(_lanes(store, lab_dir, experiments, now, budget_s)),
         leaderboard=tuple(entry(e) for e in measured[:LEADERBOARD]),
         events=tuple(_event(entry(e)) for e in finished[-EVENTS:]),
+        in_flight=tuple(entry(e) for e in experiments if e.status in ("queued", "running")),
     )
 
 
