@@ -16,6 +16,7 @@ import jinja2
 
 from nightlab import __version__
 from nightlab.report.data import (
+    Costs,
     Night,
     busy_share,
     costs,
@@ -31,14 +32,15 @@ TEMPLATE = "report.html.j2"
 
 def render_html(night: Night, charts: dict[str, bytes]) -> str:
     """The whole page. ``charts`` maps ``progress`` and ``timeline`` to PNG bytes."""
+    spent = costs(night.rows)
     return _environment().get_template(TEMPLATE).render(
         night=night,
         charts=charts,
-        cards=_cards(night),
+        cards=_cards(night, spent),
         changes=[r for r in night.kept if r.exp.kind != "baseline"],
         failures=failure_groups(night.rows),
         lanes={worker: busy_share(lane) for worker, lane in timeline(night.rows).items()},
-        costs=costs(night.rows),
+        costs=spent,
         version=__version__,
         made_at=f"{datetime.now():%Y-%m-%d %H:%M}",
     )
@@ -67,11 +69,10 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _cards(night: Night) -> list[tuple[str, str, str]]:
+def _cards(night: Night, c: Costs) -> list[tuple[str, str, str]]:
     """The header's cards: (label, value, note)."""
     best, base = night.best, night.baseline
     span = night.span()
-    c = costs(night.rows)
     improvement = night.improvement()
     return [
         ("best val_bpb", fmt_val(best.exp.val_bpb) if best else "-", f"#{best.id}" if best else "no keep yet"),
