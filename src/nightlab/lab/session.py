@@ -20,6 +20,7 @@ from typing import Any
 ENV_DATA = "NIGHTLAB_DATA"
 ENV_OUT = "NIGHTLAB_OUT"
 ENV_BUDGET = "NIGHTLAB_BUDGET_S"
+ENV_BUDGET_TOKENS = "NIGHTLAB_BUDGET_TOKENS"  # 0 or absent: the wall-clock budget decides
 ENV_DEVICE = "NIGHTLAB_DEVICE"
 ENV_PRESET = "NIGHTLAB_PRESET"
 ENV_SEED = "NIGHTLAB_SEED"
@@ -60,6 +61,7 @@ class Session:
     vocab_size: int
     bos_id: int
     corpus_hash: str
+    budget_tokens: int = 0  # when set, train.py stops at this many training tokens, not at budget_s
 
     def train_loader(self, batch_size: int, seq_len: int):
         """Batches of the training split: ``(inputs, targets, epoch)`` on this session's device."""
@@ -98,7 +100,7 @@ class Session:
         torch.save(state, tmp)
         os.replace(tmp, weights)
         record = {"corpus_hash": self.corpus_hash, "device": self.device, "preset": self.preset,
-                  "seed": self.seed, "budget_s": self.budget_s, **summary}
+                  "seed": self.seed, "budget_s": self.budget_s, "budget_tokens": self.budget_tokens, **summary}
         write_json(self.out_dir / SUMMARY_FILE, record)
         return weights
 
@@ -113,6 +115,7 @@ def connect(start_dir: Path | str | None = None) -> Session:
         device = resolve_device(env.get(ENV_DEVICE, "auto"))
         preset = resolve_preset(env.get(ENV_PRESET, "auto"), device)
         seed = int(env.get(ENV_SEED, "0"))
+        budget_tokens = int(env.get(ENV_BUDGET_TOKENS) or 0)
     else:
         from nightlab import config as cfg
         from nightlab.lab import datasets
@@ -127,10 +130,11 @@ def connect(start_dir: Path | str | None = None) -> Session:
         device = resolve_device(env.get(ENV_DEVICE, conf.device))
         preset = resolve_preset(env.get(ENV_PRESET, conf.preset), device)
         seed = int(env.get(ENV_SEED, conf.seed))
+        budget_tokens = int(env.get(ENV_BUDGET_TOKENS) or conf.budget_tokens)
     manifest = read_manifest(data_dir)
     return Session(data_dir=data_dir, out_dir=out_dir, budget_s=budget, device=device, preset=preset,
                    seed=seed, vocab_size=int(manifest["vocab_size"]), bos_id=int(manifest["bos_id"]),
-                   corpus_hash=str(manifest.get("corpus_hash", "")))
+                   corpus_hash=str(manifest.get("corpus_hash", "")), budget_tokens=budget_tokens)
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:

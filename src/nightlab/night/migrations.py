@@ -143,6 +143,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX experiments_commit ON experiments (run_tag, commit_sha);
     CREATE INDEX experiments_status ON experiments (run_tag, status, id);
     """,
+    # 5: trials disturbed from outside (re-run, never judged) and the budget a trial trained under
+    """
+    ALTER TABLE experiments ADD COLUMN disturbed INTEGER NOT NULL DEFAULT 0;  -- its trials re-run as disturbed
+    ALTER TABLE experiments ADD COLUMN budget TEXT NOT NULL DEFAULT '';       -- "300s" or "2000000 tokens"
+    ALTER TABLE measurements ADD COLUMN tok_per_s REAL;                       -- the trial's training throughput
+    ALTER TABLE measurements ADD COLUMN shape TEXT NOT NULL DEFAULT '';       -- params:tokens per step
+    """,
 )
 
 

@@ -5,13 +5,19 @@ kept only when the mean of its measurements beats the best's mean by more than `
 errors of the difference. A promising or close first run earns ``confirm_runs`` more seeds before
 the verdict. ``greedy`` mode is autoresearch's rule: keep when strictly lower, one run. In both
 modes simpler code (fewer lines) at equal val_bpb (within ``simplicity_tolerance``) is a keep.
+
+The noise width is pooled over every group of reruns of one commit. With few groups it is their
+pooled standard deviation; from ``ROBUST_GROUPS`` groups on, the median absolute deviation of the
+pooled residuals, so that one group with an outlier (a seed slowed by a busy machine that got
+past the disturbed-trial check) cannot widen it for the rest of the night. The verdict names it.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nightlab.config import RunConfig
 
@@ -19,6 +25,8 @@ CONFLICT = "conflict:"  # reason of a stale win that no longer applies on the be
 
 KEEP_Z = 3.0  # standard errors of the difference a change must win by (one-sided false keep ~0.1 %)
 SCREEN_Z = 0.0  # a first run better than the best by this many standard errors earns confirmation runs
+ROBUST_GROUPS = 3  # groups of reruns from which the noise is their residuals' median absolute deviation
+MAD_SCALE = 1.4826  # median absolute deviation -> standard deviation, for normal noise
 
 
 @dataclass(frozen=True)
@@ -50,17 +58,42 @@ class NoiseMeter:
     floor: float
     squares: float = 0.0
     dof: int = 0
+    groups: int = 0
+    # Each measurement's distance to its group's mean, scaled by sqrt(n / (n - 1)) so that every
+    # one is distributed like the noise itself whatever the group's size.
+    residuals: list[float] = field(default_factory=list)
 
     def add(self, group: Sequence[float]) -> None:
         if len(group) > 1:
-            m = mean(group)
+            m, n = mean(group), len(group)
             self.squares += sum((v - m) ** 2 for v in group)
-            self.dof += len(group) - 1
+            self.dof += n - 1
+            self.groups += 1
+            self.residuals.extend(abs(v - m) * math.sqrt(n / (n - 1)) for v in group)
+
+    @property
+    def robust(self) -> bool:
+        return self.groups >= ROBUST_GROUPS
+
+    @property
+    def measured(self) -> float:
+        if self.robust:
+            return MAD_SCALE * statistics.median(self.residuals)
+        return math.sqrt(self.squares / self.dof) if self.dof else 0.0
 
     @property
     def width(self) -> float:
-        measured = math.sqrt(self.squares / self.dof) if self.dof else 0.0
-        return max(measured, self.floor)
+        return max(self.measured, self.floor)
+
+    @property
+    def estimator(self) -> str:
+        """How ``width`` was found, in words for a verdict."""
+        groups = f"{self.groups} group{'s' if self.groups != 1 else ''} of reruns"
+        if self.measured < self.floor:
+            return f"the floor run.noise_floor (measured {self.measured:.6f} over {groups})"
+        if self.robust:
+            return f"median absolute deviation over {groups}"
+        return f"standard deviation over {groups}"
 
 
 def signed(value: float, digits: int = 6) -> str:
@@ -74,11 +107,13 @@ def judge(
     noise: float,
     rules: RunConfig,
     lines_delta: int = 0,
+    estimator: str = "",
 ) -> Verdict:
     """Keep, discard, or measure ``candidate`` again, against the current ``best``.
 
     ``candidate`` and ``best`` are val_bpb measurements (lower is better) of one commit each, with
-    different seeds; ``lines_delta`` is the candidate's code lines minus the best's.
+    different seeds; ``lines_delta`` is the candidate's code lines minus the best's; ``estimator``
+    says how ``noise`` was found (``NoiseMeter.estimator``).
     """
     if not candidate:
         raise ValueError("judge needs at least one measurement of the candidate")
@@ -99,7 +134,8 @@ def judge(
     stderr = noise * math.sqrt(1 / len(candidate) + 1 / len(best))
     z = gain / stderr
     seeds = f"{len(candidate)} seed{'s' if len(candidate) > 1 else ''}"
-    summary = f"{where}, gain {signed(gain)} = {signed(z, 1)} standard errors (noise {noise:.6f}, {seeds})"
+    how = f" by {estimator}" if estimator else ""
+    summary = f"{where}, gain {signed(gain)} = {signed(z, 1)} standard errors (noise {noise:.6f}{how}, {seeds})"
     worth_confirming = z > SCREEN_Z or (lines_delta < 0 and gain + 2 * stderr >= -rules.simplicity_tolerance)
     if len(candidate) < 1 + rules.confirm_runs and worth_confirming:
         return Verdict("confirm", f"close call, measuring again: {summary}")

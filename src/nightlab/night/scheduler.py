@@ -465,7 +465,11 @@ class Scheduler:
                 other.accept(exp_id, trial.seed)
         if exp_id == self.baseline_id:
             if not any(queued == exp_id for queued, _ in self.ready) and not self._running(exp_id):
-                self._baseline_measured()
+                again = baseline_trials(lab, lab.store.get(exp_id))  # seeds set aside as disturbed run again
+                if again:
+                    self.ready.extendleft((exp_id, t) for t in again)
+                else:
+                    self._baseline_measured()
             return
         if self.baseline_id is not None:
             self.waiting.append(exp_id)  # its verdict needs the baseline's

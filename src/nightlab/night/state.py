@@ -104,6 +104,12 @@ class Lab:
                 self.count_noise(e)
         return self._noise.width
 
+    def noise_estimator(self) -> str:
+        """How ``noise()`` is estimated, in words for a verdict's reason (``policy.NoiseMeter.estimator``)."""
+        self.noise()
+        assert self._noise is not None
+        return self._noise.estimator
+
     def count_noise(self, exp: Experiment) -> None:
         """Add a finished experiment's measurements to the noise estimate (once)."""
         if self._noise is not None and exp.id not in self._measured:

@@ -87,6 +87,8 @@ class Experiment:
     origin_id: int | None = None  # the experiment whose change this one re-applies on a newer best
     claim: str = ""  # the agenda item the proposer worked on
     epochs: float | None = None  # passes over the train split the first trial made (tokens / train tokens)
+    disturbed: int = 0  # trials re-run because something outside train.py slowed them (never judged)
+    budget: str = ""  # what a trial trained for: "300s", or "2000000 tokens" under lab.budget_tokens
 
 
     @property
@@ -105,6 +107,8 @@ class Measurement:
     reason: str
     run_dir: str
     created_at: str
+    tok_per_s: float | None = None  # training throughput (tokens/s)
+    shape: str = ""  # the model's shape, "params:tokens per step": throughputs compare within one
 
 
 @dataclass(frozen=True)
@@ -239,13 +243,13 @@ class Store:
 
     def add_measurement(
         self, exp_id: int, seed: int, kind: str, status: str, val_bpb: float | None, run_dir: Path | str,
-        reason: str = "",
+        reason: str = "", tok_per_s: float | None = None, shape: str = "",
     ) -> Measurement:
         """Record one trial; recording the same (experiment, seed, kind) again replaces it."""
         self.conn.execute(
-            "INSERT OR REPLACE INTO measurements (experiment_id, seed, kind, status, val_bpb, reason, run_dir, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (exp_id, seed, kind, status, val_bpb, reason, str(run_dir), now()),
+            "INSERT OR REPLACE INTO measurements (experiment_id, seed, kind, status, val_bpb, reason, run_dir,"
+            " created_at, tok_per_s, shape) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (exp_id, seed, kind, status, val_bpb, reason, str(run_dir), now(), tok_per_s, shape),
         )
         row = self.conn.execute(
             "SELECT * FROM measurements WHERE experiment_id = ? AND seed = ? AND kind = ?", (exp_id, seed, kind)
@@ -258,6 +262,25 @@ class Store:
             f"SELECT * FROM measurements WHERE experiment_id = ? AND kind IN ({marks}) ORDER BY id", (exp_id, *kinds)
         )
         return [Measurement(**dict(r)) for r in rows]
+
+    def mark_disturbed(self, measurement_id: int, reason: str) -> None:
+        """Set a trial aside as disturbed (kind ``disturbed``): never judged, its seed runs again.
+        Its experiment's ``disturbed`` count goes up in the same transaction."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("UPDATE OR REPLACE measurements SET kind = 'disturbed', reason = ? WHERE id = ?",
+                              (reason, measurement_id))
+            self.conn.execute("UPDATE experiments SET disturbed = disturbed + 1 WHERE id = "
+                              "(SELECT experiment_id FROM measurements WHERE id = ?)", (measurement_id,))
+
+    def speeds(self, run_tag: str) -> list[tuple[int, str, float]]:
+        """(measurement id, shape, tokens/s) of the run's judged ok trials that recorded a throughput."""
+        marks = ", ".join("?" * len(JUDGED_KINDS))
+        rows = self.conn.execute(
+            "SELECT m.id, m.shape, m.tok_per_s FROM measurements m JOIN experiments e ON e.id = m.experiment_id"
+            f" WHERE e.run_tag = ? AND m.status = 'ok' AND m.tok_per_s > 0 AND m.kind IN ({marks})",
+            (run_tag, *JUDGED_KINDS))
+        return [(i, shape, speed) for i, shape, speed in rows]
 
     def values(self, exp_id: int) -> list[float]:
         """The judged val_bpb values of an experiment (ok trials only)."""

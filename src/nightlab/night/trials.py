@@ -10,14 +10,23 @@ stage and process group before each trial (live group: stopped, trial re-run) �
 numbers in the row, then its measurement (no measurement: trial re-run, numbers written again) →
 verdict in the row, with its val_bpb and noise in the same write → branch tip (behind the last
 keep: moved there).
+
+A trial whose throughput falls far below the run's other trials of the same model shape (under
+``SLOW`` of their median tokens/s) was slowed by something outside train.py: another process on
+the cores or the GPU. Under a wall-clock budget it trained on fewer tokens and its val_bpb says so,
+so it is set aside as ``disturbed`` (never judged, never in the noise) and its seed runs again.
+The check also looks back at the experiment's earlier trials, since the first trial of a run has
+nothing to compare with until the second is in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nightlab.night import policy
 from nightlab.night.state import Lab
@@ -27,6 +36,8 @@ from nightlab.trial import sandbox
 from nightlab.trial.runner import TrialResult, runs_processes
 
 TRAIN_WORKTREE = "train"
+SLOW = 0.8  # a trial under this share of the median tokens/s of its shape's other trials is disturbed
+MAX_DISTURBED = 3  # disturbed trials re-run per experiment; a slower one after that is believed
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,8 @@ def next_trial(lab: Lab, exp: Experiment) -> Trial | None:
         return None
     if recorded and judge(lab, exp, reference).decision != "confirm":
         return None
-    k = len(recorded)
+    done = {m.seed for m in recorded}
+    k = next(k for k, seed in enumerate(seeds) if seed not in done)  # a disturbed seed runs again
     return Trial(exp.id, exp.commit_sha, seeds[k], "first" if k == 0 else "confirm", k)
 
 
@@ -105,7 +117,7 @@ def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -
         lab.store.update(exp.id, stage="judge", pgid=None, training_seconds=s.get("training_seconds", result.train_s),
                          total_seconds=result.total_s, total_tokens=s.get("total_tokens"), num_steps=s.get("num_steps"),
                          num_params=s.get("num_params"), peak_memory_mb=s.get("peak_memory_mb"),
-                         mfu_percent=s.get("mfu_percent"), epochs=s.get("epochs"),
+                         mfu_percent=s.get("mfu_percent"), epochs=s.get("epochs"), budget=budget_label(lab),
                          error=result.error if result.status != "ok" else "",
                          reason=result.reason)
     elif result.status != "ok":
@@ -114,10 +126,58 @@ def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -
     else:
         lab.store.update(exp.id, stage="judge", pgid=None)
     lab.store.add_measurement(exp.id, trial.seed, trial.kind, result.status, result.val_bpb, trial_dir(lab, trial),
-                              result.reason)
+                              result.reason, tok_per_s=throughput(result.summary), shape=shape_of(result.summary))
     if result.status == "ok":  # a failure is told once, with the experiment's verdict
         label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
         lab.say(f"{label} ok: val_bpb {result.val_bpb:.6f} ({result.total_s:.1f} s)")
+        set_aside_disturbed(lab, exp)
+
+
+def budget_label(lab: Lab) -> str:
+    """The budget a trial trains under, as records and verdicts show it: ``300s`` or ``2000000 tokens``."""
+    tokens = lab.config.lab.budget_tokens
+    return f"{tokens} tokens" if tokens else f"{lab.config.lab.budget_s:g}s"
+
+
+def throughput(summary: dict[str, Any]) -> float | None:
+    """Training tokens/s from a trial's summary (train.py's own figure, else tokens over seconds)."""
+    speed = summary.get("tok_per_s")
+    if not isinstance(speed, (int, float)) or isinstance(speed, bool):
+        tokens, seconds = summary.get("total_tokens"), summary.get("training_seconds")
+        ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (tokens, seconds))
+        speed = tokens / seconds if ok and seconds > 0 else None  # type: ignore[operator]
+    return float(speed) if speed is not None and speed > 0 else None
+
+
+def shape_of(summary: dict[str, Any]) -> str:
+    """The model's shape as far as speed goes: its parameters and the tokens of one optimizer step."""
+    params, tokens, steps = summary.get("num_params"), summary.get("total_tokens"), summary.get("num_steps")
+    per_step = tokens // steps if isinstance(tokens, int) and isinstance(steps, int) and steps > 0 else ""
+    return f"{params}:{per_step}" if params is not None else ""
+
+
+def set_aside_disturbed(lab: Lab, exp: Experiment) -> list[int]:
+    """Mark the ok trials of ``exp`` that ran far slower than the run's other trials of their shape as
+    disturbed (their seeds run again); returns their seeds. Not under a token budget: there a slow
+    trial trains on as many tokens as a fast one."""
+    if lab.config.lab.budget_tokens:
+        return []
+    speeds = lab.store.speeds(lab.run.tag)
+    seeds = []
+    for m in lab.store.measurements(exp.id):
+        if m.status != "ok" or not m.tok_per_s or lab.store.get(exp.id).disturbed >= MAX_DISTURBED:
+            continue
+        peers = [speed for other, shape, speed in speeds if shape == m.shape and other != m.id]
+        if not peers or m.tok_per_s >= SLOW * statistics.median(peers):
+            continue
+        typical = statistics.median(peers)
+        why = (f"disturbed: {m.tok_per_s:,.0f} tokens/s, {m.tok_per_s / typical:.2f}x the median {typical:,.0f} "
+               f"of {len(peers)} other trial(s) of its shape; seed {m.seed} runs again")
+        lab.store.mark_disturbed(m.id, why)
+        speeds = [s for s in speeds if s[0] != m.id]
+        seeds.append(m.seed)
+        lab.say(f"#{exp.id} seed {m.seed} {why}")
+    return seeds
 
 
 def measure_baseline(lab: Lab) -> Experiment:
@@ -125,8 +185,8 @@ def measure_baseline(lab: Lab) -> Experiment:
     exp = baseline_row(lab)
     if exp.finished:
         return exp
-    for trial in baseline_trials(lab, exp):
-        run(lab, exp, trial)
+    while trials := baseline_trials(lab, exp):  # a disturbed seed comes back here to run again
+        run(lab, exp, trials[0])
     return finish_baseline(lab, exp)
 
 

@@ -94,9 +94,12 @@ def reference_of(lab: Lab, exp: Experiment) -> Experiment:
 
 
 def judge(lab: Lab, exp: Experiment, reference: Experiment) -> policy.Verdict:
+    if exp.budget and reference.budget and exp.budget != reference.budget:
+        return policy.Verdict("discard", f"not comparable: trained under a budget of {exp.budget}, its reference "
+                                         f"#{reference.id} under {reference.budget}; measure both under one budget")
     lines_delta = (exp.code_lines or 0) - (reference.code_lines or 0)
     verdict = policy.judge(lab.store.values(exp.id), lab.store.values(reference.id), lab.noise(), lab.config.run,
-                           lines_delta)
+                           lines_delta, estimator=lab.noise_estimator())
     return dataclasses.replace(verdict, reason=verdict.reason + epoch_note(exp, reference))
 
 

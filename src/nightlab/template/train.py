@@ -5,8 +5,9 @@ Run it on its own inside a lab (`python train.py`) or through `nightlab train`. 
 the training split, the time budget and the device; at the end it hands the lab its model, and
 a trusted evaluator in another process measures validation bits per byte.
 
-Rules of the game: train only through `lab.train_loader`, stop when the budget is spent, keep
-`build_model()` importable without training, and let `forward(idx)` return logits.
+Rules of the game: train only through `lab.train_loader`, stop when the budget is spent (seconds
+of training, or `lab.budget_tokens` training tokens when the lab sets one), keep `build_model()`
+importable without training, and let `forward(idx)` return logits.
 """
 
 import gc
@@ -324,7 +325,7 @@ def build_optimizers(model):
 
 
 def lr_multiplier(progress):
-    """Learning-rate schedule by share of the time budget spent: warmup, flat, linear warmdown."""
+    """Learning-rate schedule by share of the budget spent: warmup, flat, linear warmdown."""
     if progress < WARMUP_RATIO:
         return (progress + 1e-8) / WARMUP_RATIO
     if progress < 1.0 - WARMDOWN_RATIO:
@@ -336,6 +337,18 @@ def lr_multiplier(progress):
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
+
+
+def progress_of(training_s, steps):
+    """Share of the budget spent after `steps` steps and `training_s` seconds: of the training
+    tokens when the lab sets a token budget (a machine's speed cannot move it), else of the seconds."""
+    if lab.budget_tokens:
+        return steps * TOTAL_BATCH_SIZE / lab.budget_tokens
+    return training_s / lab.budget_s
+
+
+def budget_text():
+    return f"{lab.budget_tokens} tokens" if lab.budget_tokens else f"{lab.budget_s:.0f}s"
 
 
 def main():
@@ -366,7 +379,7 @@ def main():
     batches = iter(lab.train_loader(rows, SEQ_LEN + 1))
     print(f"model: {num_params / 1e6:.1f}M params, depth {DEPTH}, width {MODEL_DIM}, {N_HEAD} heads | "
           f"batch {TOTAL_BATCH_SIZE} tokens ({accum_steps} x {rows} x {SEQ_LEN}) | "
-          f"{lab.device}, preset {lab.preset}, budget {lab.budget_s:.0f}s, corpus {lab.corpus_hash}", flush=True)
+          f"{lab.device}, preset {lab.preset}, budget {budget_text()}, corpus {lab.corpus_hash}", flush=True)
 
     def train_step(progress, step):
         mult = lr_multiplier(progress)
@@ -411,11 +424,12 @@ def main():
 
     # The GPU runs one step behind the CPU: step k is queued before the loss of step k-1 is read,
     # so the GPU never waits for Python. The clock is read after that wait, and after the last step.
-    training_s, step, tokens, smooth, epoch = 0.0, 0, 0, 0.0, 0
+    training_s, step, tokens, smooth, epoch, issued = 0.0, 0, 0, 0.0, 0, 0
     last_print, t_begin, queued = 0.0, time.time(), None
-    while queued is not None or training_s < lab.budget_s:
-        if training_s < lab.budget_s:
-            loss_now, epoch = train_step(training_s / lab.budget_s, step + (queued is not None))
+    while queued is not None or progress_of(training_s, issued) < 1.0:
+        if progress_of(training_s, issued) < 1.0:
+            loss_now, epoch = train_step(progress_of(training_s, issued), issued)
+            issued += 1
         else:
             loss_now = None  # the budget is spent: let the last queued step finish
         if queued is not None:
@@ -431,9 +445,9 @@ def main():
                 tok_per_s = TOTAL_BATCH_SIZE * step / training_s
                 mfu = 100 * flops_per_token * tok_per_s / PEAK_FLOPS if PEAK_FLOPS else 0.0
                 last_print = training_s
-                print(f"step {step:05d} | loss {smooth:.4f} | lr x{lr_multiplier(min(training_s / lab.budget_s, 1.0)):.2f} | "
-                      f"{tok_per_s / 1e6:.2f}M tok/s | mfu {mfu:.1f}% | epoch {epoch} | "
-                      f"{training_s:.0f}/{lab.budget_s:.0f}s", flush=True)
+                spent = f"{tokens}/{lab.budget_tokens} tokens" if lab.budget_tokens else f"{training_s:.0f}/{lab.budget_s:.0f}s"
+                print(f"step {step:05d} | loss {smooth:.4f} | lr x{lr_multiplier(min(progress_of(training_s, step), 1.0)):.2f} | "
+                      f"{tok_per_s / 1e6:.2f}M tok/s | mfu {mfu:.1f}% | epoch {epoch} | {spent}", flush=True)
         queued = loss_now
 
     tok_per_s = tokens / training_s

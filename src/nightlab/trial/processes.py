@@ -30,6 +30,7 @@ def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: 
         NIGHTLAB_DATA=str(data_dir),
         NIGHTLAB_OUT=str(run_dir),
         NIGHTLAB_BUDGET_S=repr(float(config.lab.budget_s)),
+        NIGHTLAB_BUDGET_TOKENS=str(int(config.lab.budget_tokens)),
         NIGHTLAB_DEVICE=device,
         NIGHTLAB_PRESET=preset,
         NIGHTLAB_SEED=str(int(seed)),

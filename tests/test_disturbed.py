@@ -1,0 +1,81 @@
+"""A trial slowed from outside is set aside and run again, never judged nor counted in the noise.
+
+Real processes: the stand-in train.py does real CPU work in steps, pinned to one CPU, and a busy
+sibling process is pinned beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.standin.helpers import STANDIN, constant_step, lab_toml, make_dataset, make_lab, open_lab, set_constant
+from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.policy import noise_width
+from nightlab.night.scheduler import run_single
+from nightlab.night.store import JUDGED_KINDS
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU pinning (Linux)")]
+
+BUSY = "import os, sys; os.sched_setaffinity(0, {0}); sys.stdout.write('busy\\n'); sys.stdout.flush()\nwhile True: pass"
+
+
+def _busy_sibling() -> subprocess.Popen:
+    """A process that keeps CPU 0 busy, started and running before this returns."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "busy\n"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _working_standin() -> str:
+    source = set_constant(STANDIN.read_text(), "STEP_WORK", 20_000)
+    return set_constant(set_constant(source, "PIN_CPU", 0), "NOISE", 0.05)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def test_a_trial_slowed_by_a_busy_sibling_is_disturbed_rerun_and_left_out_of_the_noise(tmp_path, data_dir):
+    toml = lab_toml(allowance_s=30, baseline_runs=2, confirm_runs=1).replace("budget_s = 0.5", "budget_s = 1.5")
+    lab_dir = make_lab(tmp_path / "lab", toml + "noise_floor = 0.0\n", _working_standin())
+    said: list[str] = []
+    busy = _busy_sibling()  # shares CPU 0 with the baseline's first seed only
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line.startswith("#1 ok:"):
+            _stop(busy)
+
+    lab = open_lab(lab_dir, data_dir, say=say)
+    try:
+        run_single(lab, ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.5)]), max_experiments=1)
+    finally:
+        _stop(busy)
+    baseline = next(e for e in lab.experiments() if e.kind == "baseline")
+    assert baseline.status == "keep" and baseline.disturbed >= 1, said  # others' load may slow another one too
+    rows = lab.store.measurements(baseline.id, kinds=(*JUDGED_KINDS, "disturbed"))
+    disturbed = [m for m in rows if m.kind == "disturbed"]
+    judged = [m for m in rows if m.kind != "disturbed"]
+    assert 0 in [m.seed for m in disturbed] and sorted(m.seed for m in judged) == [0, 1]  # same seed again
+    slowed = next(m for m in disturbed if m.seed == 0)
+    assert slowed.tok_per_s < 0.8 * max(m.tok_per_s for m in judged)
+    assert slowed.val_bpb > min(m.val_bpb for m in judged)  # it trained less: believed, it would mislead
+    assert "disturbed:" in slowed.reason and any("seed 0 disturbed" in line for line in said)
+    # The noise is that of the two undisturbed seeds, as if the busy process had never run.
+    values = [m.val_bpb for m in judged]
+    assert baseline.noise == pytest.approx(noise_width([values], floor=0.0))
+    assert baseline.val_bpb == pytest.approx(sum(values) / 2)
+    assert "standard deviation over" in next(e for e in lab.experiments() if e.kind == "experiment").reason
