@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
 from nightlab.config import RunConfig
-from nightlab.night.policy import judge, noise_width
+from nightlab.night.policy import ROBUST_GROUPS, NoiseMeter, judge, noise_width
 
 SIGMA = 0.001  # run-to-run noise of the synthetic trainer (val_bpb)
 
@@ -89,3 +90,34 @@ def test_a_gain_that_rounds_to_zero_is_written_without_a_minus_sign() -> None:
     verdict = judge([2.315695, 2.315695], [2.315259, 2.315259], 0.03325, rules)
     assert verdict.decision == "discard"
     assert "gain -0.000436 = +0.0 standard errors" in verdict.reason, verdict.reason
+
+
+def test_one_outlier_group_does_not_dominate_the_noise():
+    rng = random.Random(7)
+    groups = [[1.0 + rng.gauss(0, SIGMA) for _ in range(2)] for _ in range(12)]
+    clean = NoiseMeter(floor=0.0)
+    for group in groups:
+        clean.add(group)
+    assert clean.width == pytest.approx(SIGMA, rel=0.5)
+    assert clean.estimator == "median absolute deviation over 12 groups of reruns"
+    spoiled = NoiseMeter(floor=0.0)
+    for group in [*groups, [2.734, 3.296]]:  # a baseline seed that trained at a quarter of the speed
+        spoiled.add(group)
+    assert spoiled.width < 1.5 * clean.width  # the pooled standard deviation would be over 100 times larger
+    assert math.sqrt(spoiled.squares / spoiled.dof) > 100 * SIGMA
+    # With fewer groups than ROBUST_GROUPS there is no median to speak of: the pooled standard deviation.
+    few = NoiseMeter(floor=0.0)
+    for group in groups[:ROBUST_GROUPS - 1]:
+        few.add(group)
+    assert few.estimator.startswith("standard deviation over 2 groups")
+    assert few.width == pytest.approx(noise_width(groups[:ROBUST_GROUPS - 1], floor=0.0))
+
+
+def test_the_verdict_names_the_noise_estimator():
+    verdict = judge([0.99, 0.99], [1.0, 1.0], 0.001, RunConfig(confirm_runs=1),
+                    estimator="median absolute deviation over 4 groups of reruns")
+    assert verdict.decision == "keep"
+    assert "noise 0.001000 by median absolute deviation over 4 groups of reruns" in verdict.reason
+    floor = NoiseMeter(floor=0.0005)
+    floor.add([1.0, 1.0])
+    assert floor.width == 0.0005 and floor.estimator.startswith("the floor run.noise_floor")
