@@ -18,6 +18,9 @@ from nightlab.agents.scripted import ScriptedProposer
 from nightlab.night.policy import noise_width
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import JUDGED_KINDS
+from nightlab.report.data import load_night
+from nightlab.report.live import render_text, take_snapshot
+from nightlab.report.markdown import render_markdown
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU pinning (Linux)")]
@@ -79,3 +82,9 @@ def test_a_trial_slowed_by_a_busy_sibling_is_disturbed_rerun_and_left_out_of_the
     assert baseline.noise == pytest.approx(noise_width([values], floor=0.0))
     assert baseline.val_bpb == pytest.approx(sum(values) / 2)
     assert "standard deviation over" in next(e for e in lab.experiments() if e.kind == "experiment").reason
+    # The live view (`nightlab status`), its JSON and the report show the disturbed trials and the budget.
+    snap = take_snapshot(lab.store, lab_dir)
+    assert snap.disturbed == baseline.disturbed and snap.to_dict()["budget"] == "1.5s"
+    assert f"{snap.disturbed} disturbed trial(s) re-run" in render_text(snap)
+    report = render_markdown(load_night(lab_dir))
+    assert "- budget: 1.5s" in report and "re-run with the same seed, never judged" in report

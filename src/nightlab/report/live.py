@@ -144,6 +144,8 @@ class Snapshot:
     leaderboard: tuple[Entry, ...]
     events: tuple[str, ...] = field(default_factory=tuple)
     in_flight: tuple[Entry, ...] = ()  # experiments queued or training now, with their descriptions
+    disturbed: int = 0  # trials set aside because something outside train.py slowed them (re-run)
+    budget: str = ""  # what a trial trains for: "300s", or "2000000 tokens" under lab.budget_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``nightlab status --json``)."""
@@ -190,6 +192,8 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
         leaderboard=tuple(entry(e) for e in measured[:LEADERBOARD]),
         events=tuple(_event(entry(e)) for e in finished[-EVENTS:]),
         in_flight=tuple(entry(e) for e in experiments if e.status in ("queued", "running")),
+        disturbed=sum(e.disturbed for e in experiments),
+        budget=next((e.budget for e in reversed(experiments) if e.budget), ""),
     )
 
 
@@ -256,6 +260,10 @@ def _headline(snap: Snapshot) -> str:
     if snap.best and snap.baseline_val is not None and snap.best.val_bpb is not None:
         best += f", {fmt_delta(snap.best.val_bpb - snap.baseline_val)} vs baseline"
     noise = f" | noise {fmt_val(snap.noise)}" if snap.noise is not None else ""
+    if snap.disturbed:
+        noise += f" | {snap.disturbed} disturbed trial(s) re-run"
+    if snap.budget:
+        noise = f" | budget {snap.budget}{noise}"
     return f"run {snap.run_tag} ({snap.branch}) | {best} | {done} done ({tally or 'none'}){noise}"
 
 

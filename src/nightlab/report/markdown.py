@@ -101,7 +101,20 @@ def _costs_and_noise(night: Night) -> list[str]:
                 else "not measured (no reruns)")
     return ["## Cost and noise", "",
             f"- agents: ${c.usd:.2f} ({c.tokens_in:,} tokens in, {c.tokens_out:,} out){per_keep}",
-            f"- noise: policy {n.policy}, width {fmt_val(n.width)} (floor {fmt_val(n.floor)}), {measured}"]
+            f"- noise: policy {n.policy}, width {fmt_val(n.width)} (floor {fmt_val(n.floor)}), {measured}",
+            *_budget_and_disturbed(night)]
+
+
+def _budget_and_disturbed(night: Night) -> list[str]:
+    """Which budget the trials trained under, and how many were set aside as disturbed."""
+    budgets = sorted({r.exp.budget for r in night.rows if r.exp.budget})
+    disturbed = sum(r.exp.disturbed for r in night.rows)
+    lines = [f"- budget: {' and '.join(budgets)}" + (" (verdicts compare only runs under one budget)"
+                                                      if len(budgets) > 1 else "")] if budgets else []
+    if disturbed:
+        lines.append(f"- disturbed: {disturbed} trial(s) ran far slower than the others of their shape; set aside "
+                     "and re-run with the same seed, never judged")
+    return lines
 
 
 def _clip(text: str) -> str:
