@@ -6,20 +6,29 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from conftest import template_env
 from nightlab.lab import evaluate as ev
+from nightlab.lab import model_client
+from nightlab.lab import model_process as mp
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEMPLATE_TRAIN = Path(__file__).resolve().parents[1] / "src" / "nightlab" / "template" / "train.py"
 VOCAB = 12
 BOS = 11  # special: 0 bytes, so never scored
 SEQ_LEN = 8
+
+
+def run(train_py: Path, weights: Path, data: Path, **kwargs) -> dict:
+    """``ev.evaluate`` of a fixture: its model process gets a copy of it and of the toy model it builds on."""
+    return ev.evaluate(train_py, weights, data, files=("toy_train.py",), **kwargs)
 
 
 def write_dataset(folder: Path, seed: int = 0, docs: int = 29) -> Path:
@@ -87,7 +96,7 @@ def test_score_matches_hand_computation(data: Path, weights: Path) -> None:
     stream_len = len(np.load(data / "val.tokens.npy"))
     assert (stream_len - 1) % SEQ_LEN != 0, "the dataset must end in a partial window for this test"
 
-    result = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=3)
+    result = run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=3)
 
     expected, tokens, nbytes = hand_bpb(data, table, pos, SEQ_LEN)
     assert result["status"] == "ok", result["reason"]
@@ -102,7 +111,7 @@ def test_score_matches_hand_computation(data: Path, weights: Path) -> None:
 def test_batch_size_does_not_change_the_score(data: Path, weights: Path) -> None:
     toy_weights(weights)
     scores = [
-        ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=b)["val_bpb"]
+        run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, batch_size=b)["val_bpb"]
         for b in (1, 5, None)
     ]
     assert scores[0] == pytest.approx(scores[1], rel=1e-9) and scores[0] == pytest.approx(scores[2], rel=1e-9)
@@ -110,7 +119,7 @@ def test_batch_size_does_not_change_the_score(data: Path, weights: Path) -> None
 
 def test_max_tokens_scores_only_the_first_targets(data: Path, weights: Path) -> None:
     table, pos = toy_weights(weights)
-    result = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, max_tokens=21)
+    result = run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, max_tokens=21)
     expected, tokens, nbytes = hand_bpb(data, table, pos, SEQ_LEN, max_tokens=21)
     assert result["status"] == "ok", result["reason"]
     assert result["val_bpb"] == pytest.approx(expected, rel=1e-6)
@@ -134,41 +143,31 @@ def test_windows_cover_every_target_once() -> None:
         ("lastpeek_train.py", f"causality leak: log-probabilities at position {SEQ_LEN - 2} changed"),
         ("batchleak_train.py", "batch leak"),
         ("nan_train.py", "not finite"),
-        ("narrow_train.py", f"expected [1, {SEQ_LEN}, V] with V >= vocab_size {VOCAB}"),
+        ("narrow_train.py", f", {SEQ_LEN}, V] with V >= vocab_size {VOCAB}"),
     ],
 )
 def test_models_that_break_the_rules_are_invalid(data: Path, weights: Path, train_py: str, reason: str) -> None:
     toy_weights(weights)
-    result = ev.evaluate(FIXTURES / train_py, weights, data, seq_len=SEQ_LEN)
+    result = run(FIXTURES / train_py, weights, data, seq_len=SEQ_LEN)
     assert result["status"] == "invalid"
     assert reason in result["reason"]
     assert result["val_bpb"] is None
 
 
-def test_a_model_that_leaks_only_after_the_probe_is_caught_in_its_scoring_pass(data: Path, weights: Path) -> None:
-    toy_weights(weights)
-    result = ev.evaluate(FIXTURES / "lateleak_train.py", weights, data, seq_len=SEQ_LEN, batch_size=3)
-    assert result["status"] == "invalid" and result["val_bpb"] is None
-    assert "scoring leak: the loss at position" in result["reason"]
-
-
 def test_probe_cuts_are_random_so_a_model_cannot_dodge_them(data: Path, weights: Path) -> None:
     toy_weights(weights)
-    with ev._train_py_context(FIXTURES / "dodgecuts_train.py", {"NIGHTLAB_DATA": str(data)}):
-        model = ev.import_train_py(FIXTURES / "dodgecuts_train.py").build_model()
-    model.load_state_dict(torch.load(weights))
+    result = run(FIXTURES / "dodgecuts_train.py", weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "invalid" and "leak" in result["reason"]
     val = ev.read_val_split(data)
-    with pytest.raises(ev.InvalidModel, match="causality leak"):
-        ev.check_causality(model, ev.plan_probes(val, SEQ_LEN, np.random.default_rng(0)), VOCAB, "cpu")
     cuts = {c for seed in range(20) for p in ev.plan_probes(val, SEQ_LEN, np.random.default_rng(seed)) for c in p.cuts}
     assert cuts == set(range(SEQ_LEN - 1))  # every position gets cut at, not a fixed few
-    runs = {ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["probe_seed"] for _ in range(2)}
+    runs = {run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["probe_seed"] for _ in range(2)}
     assert len(runs) == 2  # new draws each run, recorded
 
 
 def test_logits_that_are_a_tensor_subclass_are_invalid(data: Path, weights: Path) -> None:
     toy_weights(weights)
-    result = ev.evaluate(FIXTURES / "subclass_train.py", weights, data, seq_len=SEQ_LEN)
+    result = run(FIXTURES / "subclass_train.py", weights, data, seq_len=SEQ_LEN)
     assert result["status"] == "invalid" and "a subclass of torch.Tensor" in result["reason"]
 
 
@@ -197,8 +196,8 @@ def test_probe_runs_a_model_with_bf16_weights_in_fp32_and_gives_them_back(data: 
     table = model.embed.weight.detach().clone()
     with pytest.raises(RuntimeError):
         model(torch.zeros(1, 4, dtype=torch.long))  # bf16 activations into an fp32 layer, as such
-    probes = ev.plan_probes(ev.read_val_split(data), SEQ_LEN, np.random.default_rng(0))
-    ev.check_causality(model, probes, VOCAB, "cpu")  # no error, no leak
+    with mp.in_fp32(model):
+        mp.logits_of(model, torch.zeros(1, 4, dtype=torch.long), VOCAB)  # no error: fp32 throughout
     assert model.embed.weight.dtype == torch.bfloat16
     assert torch.equal(model.embed.weight, table)
     assert model.head.weight.dtype == torch.float32
@@ -260,19 +259,19 @@ def test_missing_build_model_and_missing_data_are_errors(tmp_path: Path, data: P
     toy_weights(weights)
     plain = tmp_path / "plain.py"
     plain.write_text("X = 1\n")
-    result = ev.evaluate(plain, weights, data, seq_len=SEQ_LEN)
+    result = run(plain, weights, data, seq_len=SEQ_LEN)
     assert result["status"] == "error" and "defines no build_model()" in result["reason"]
-    result = ev.evaluate(FIXTURES / "toy_train.py", weights, tmp_path / "nowhere", seq_len=SEQ_LEN)
+    result = run(FIXTURES / "toy_train.py", weights, tmp_path / "nowhere", seq_len=SEQ_LEN)
     assert result["status"] == "error" and "nightlab prepare" in result["reason"]
 
 
 def test_cli_writes_eval_json_and_exit_codes(tmp_path: Path, data: Path, weights: Path) -> None:
     toy_weights(weights)
-    expected = ev.evaluate(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["val_bpb"]
+    expected = run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN)["val_bpb"]
     cases = {"toy_train.py": 0, "cheating_train.py": 0, "nan_train.py": 3, "broken_train.py": 1}
     procs = {}
     for name in cases:  # in parallel: each process pays for importing torch
-        cmd = [sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(FIXTURES / name)]
+        cmd = [sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(FIXTURES / name), "--files", "toy_train.py"]
         cmd += ["--weights", str(weights), "--data", str(data), "--out", str(tmp_path / name / "eval.json")]
         cmd += ["--seq-len", str(SEQ_LEN)]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -295,32 +294,27 @@ def test_cli_writes_eval_json_and_exit_codes(tmp_path: Path, data: Path, weights
 
 
 def evaluator_cli(train_py: Path, weights: Path, data: Path, out: Path, stdin: str | None = None):
-    cmd = [sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(train_py), "--weights", str(weights),
+    cmd = [sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(train_py), "--files", "toy_train.py",
+           "--weights", str(weights),
            "--data", str(data), "--out", str(out), "--seq-len", str(SEQ_LEN)]
     if stdin is not None:
         cmd.append("--token-stdin")
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
 
 
-def test_rebinding_what_the_evaluator_captured_makes_the_run_invalid(tmp_path: Path, data: Path, weights: Path) -> None:
+def test_what_train_py_does_at_import_never_reaches_the_scorer(tmp_path: Path, data: Path, weights: Path) -> None:
+    """Rebinding torch's and math's functions, or writing eval.json and exiting, happens in the model
+    process: the score is the honest one, and the scorer's eval.json carries its token."""
     toy_weights(weights)
-    done = evaluator_cli(FIXTURES / "rebinding_train.py", weights, data, tmp_path / "eval.json")
-    written = json.loads((tmp_path / "eval.json").read_text())
-    assert done.returncode == 3 and written["status"] == "invalid" and written["val_bpb"] is None
-    assert "_sum" in written["reason"] and "math.log" in written["reason"]
-
-
-def test_the_token_from_stdin_is_in_the_evaluators_eval_json_and_not_in_a_forged_one(
-        tmp_path: Path, data: Path, weights: Path) -> None:
-    toy_weights(weights)
-    done = evaluator_cli(FIXTURES / "toy_train.py", weights, data, tmp_path / "ok" / "eval.json", stdin="c0ffee\n")
-    assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "ok" / "eval.json").read_text())["token"] == "c0ffee"
-    (tmp_path / "forged").mkdir()
-    done = evaluator_cli(FIXTURES / "forging_train.py", weights, data, tmp_path / "forged" / "eval.json",
-                         stdin="c0ffee\n")
-    forged = json.loads((tmp_path / "forged" / "eval.json").read_text())
-    assert done.returncode == 0 and forged["val_bpb"] == 0.0001 and "token" not in forged  # what the runner checks
+    honest = evaluator_cli(FIXTURES / "toy_train.py", weights, data, tmp_path / "ok" / "eval.json", stdin="c0ffee\n")
+    assert honest.returncode == 0, honest.stderr
+    expected = json.loads((tmp_path / "ok" / "eval.json").read_text())
+    assert expected["token"] == "c0ffee"
+    for name in ("rebinding_train.py", "forging_train.py"):
+        evaluator_cli(FIXTURES / name, weights, data, tmp_path / name / "eval.json", stdin="c0ffee\n")
+        written = json.loads((tmp_path / name / "eval.json").read_text())
+        assert written["token"] == "c0ffee", name
+        assert written["status"] == "ok" and written["val_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-9), name
 
 
 def test_scoring_uses_prebuilt_attention_kernels_not_cudnn(tmp_path: Path, data: Path, weights: Path) -> None:
@@ -339,10 +333,132 @@ def test_scoring_uses_prebuilt_attention_kernels_not_cudnn(tmp_path: Path, data:
     ))
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
-    result = ev.evaluate(spy, weights, data, seq_len=SEQ_LEN)
+    result = run(spy, weights, data, seq_len=SEQ_LEN)
 
     assert result["status"] == "ok", result["reason"]
     calls = seen.read_text().splitlines()
     assert len(calls) > ev.PROBE_WINDOWS  # the probes and the scoring batches
     assert set(calls) == {"False True True"}
     assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was before
+
+
+# --- the model process ----------------------------------------------------------------------------
+
+
+def variant(tmp_path: Path, name: str, body: str) -> Path:
+    """A train.py beside a copy of the toy model: ``body`` after ``from toy_train import ...``."""
+    folder = tmp_path / "variants"
+    folder.mkdir(exist_ok=True)
+    (folder / "toy_train.py").write_text((FIXTURES / "toy_train.py").read_text())
+    path = folder / name
+    path.write_text("import os, sys, time, json\nimport torch\nfrom toy_train import Bigram, vocab_size\n" + body)
+    return path
+
+
+def test_the_model_process_gets_no_path_to_the_data_or_the_lab(tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    seen = tmp_path / "seen.json"
+    spy = variant(tmp_path, "spy_train.py", f"""
+json.dump({{"env": dict(os.environ), "argv": sys.argv, "cwd": os.getcwd(), "files": sorted(os.listdir("."))}},
+          open({str(seen)!r}, "w"))
+def build_model():
+    return Bigram(vocab_size())
+""")
+    result = run(spy, weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "ok", result["reason"]
+    told = seen.read_text()
+    for secret in (str(data), str(weights), str(tmp_path / "variants")):
+        assert secret not in told, secret
+    files = json.loads(told)["files"]
+    assert sorted(files) == ["data", "spy_train.py", "toy_train.py"]  # copies of the allowed files only
+    assert "evaluated" not in " ".join(m for m in sys.modules if m.startswith("_nightlab_evaluated"))
+
+
+def test_weights_that_changed_after_training_are_refused(data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    result = run(FIXTURES / "toy_train.py", weights, data, seq_len=SEQ_LEN, weights_sha256="0" * 64)
+    assert result["status"] == "invalid" and "the weights changed after training ended" in result["reason"]
+
+
+@pytest.mark.parametrize(("forward", "reason"), [
+    ("return super().forward(idx) + 1e6", "larger than 10000 in magnitude"),
+    ("return super().forward(idx) * float('inf')", "not finite"),
+    ("return super().forward(idx).long()", "dtype torch.int64"),
+    ("return torch.cat([super().forward(idx)] * 800, -1)", "expected [1, 8, V] with vocab_size 12 <= V"),
+    ("return super().forward(idx).sum(-1)", "logits have shape [1, 8]"),
+])
+def test_logits_out_of_bounds_are_invalid_with_a_reason(tmp_path: Path, data: Path, weights: Path, forward: str,
+                                                       reason: str) -> None:
+    toy_weights(weights)
+    bad = variant(tmp_path, "bad_train.py", f"""
+class Bad(Bigram):
+    def forward(self, idx):
+        {forward}
+def build_model():
+    return Bad(vocab_size())
+""")
+    result = run(bad, weights, data, seq_len=SEQ_LEN, batch_size=1)
+    assert result["status"] == "invalid" and reason in result["reason"], result["reason"]
+
+
+def test_a_leak_in_one_scoring_batch_of_eight_is_always_caught(tmp_path: Path, data: Path, weights: Path) -> None:
+    """Every window is checked, in batches that mix windows and checks: a model that leaks in a
+    single batch of the scoring pass, whichever it is, is caught."""
+    toy_weights(weights)
+    for leaky_call in (1, 8):
+        calls = 1 + 2 * ev.PROBE_WINDOWS + leaky_call  # the warm-up, the probe's calls, then scoring calls
+        leak = variant(tmp_path, f"leak{leaky_call}_train.py", f"""
+class Leak(Bigram):
+    calls = 0
+    def forward(self, idx):
+        Leak.calls += 1
+        logits = super().forward(idx)
+        if Leak.calls == {calls}:
+            peek = torch.zeros_like(logits)
+            peek[:, :-1] = self.table(idx[:, 1:])
+            return logits + 0.5 * peek
+        return logits
+def build_model():
+    return Leak(vocab_size())
+""")
+        val = ev.read_val_split(data)
+        batch = max(1, -(-2 * len(ev.windows(len(val.tokens) - 1, SEQ_LEN)) // 8))  # eight scoring batches
+        result = run(leak, weights, data, seq_len=SEQ_LEN, batch_size=batch)
+        assert result["status"] == "invalid" and "scoring leak" in result["reason"], (leaky_call, result["reason"])
+
+
+def test_a_model_that_answers_far_slower_than_its_warm_up_is_stopped(tmp_path: Path, data: Path, weights: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_client, "CALL_FLOOR_S", 1.0)
+    toy_weights(weights)
+    slow = variant(tmp_path, "slow_train.py", """
+class Slow(Bigram):
+    calls = 0
+    def forward(self, idx):
+        Slow.calls += 1
+        if Slow.calls == 4:
+            time.sleep(30)  # "trains" on what it was shown
+        return super().forward(idx)
+def build_model():
+    return Slow(vocab_size())
+""")
+    started = time.monotonic()
+    result = run(slow, weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "invalid" and "took too long" in result["reason"], result["reason"]
+    assert time.monotonic() - started < 25
+
+
+def test_a_process_the_model_leaves_running_voids_the_evaluation(tmp_path: Path, data: Path, weights: Path) -> None:
+    toy_weights(weights)
+    pid_file = tmp_path / "daemon.pid"
+    daemon = variant(tmp_path, "daemon_train.py", f"""
+import subprocess
+subprocess.Popen([sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                  "time.sleep(60)"], start_new_session=True, env={{}})
+def build_model():
+    return Bigram(vocab_size())
+""")
+    result = run(daemon, weights, data, seq_len=SEQ_LEN)
+    assert result["status"] == "invalid" and "left processes running" in result["reason"], result["reason"]
+    pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -46,7 +46,7 @@ CASES = [  # (name, how to break the lab, command after `nightlab`, what the one
     ("malformed nightlab.toml", lambda lab: _toml(lab, "[lab\nbudget_s = 1\n"), ["run"], "not valid TOML"),
     ("unknown setting", lambda lab: _toml(lab, "[lab]\nbudget = 1\n"), ["run"], "unknown key lab.budget; known keys"),
     ("bad setting value", lambda lab: _toml(lab, '[lab]\nbudget_s = "soon"\n'), ["run"], "budget_s = 'soon' is not"),
-    ("unknown sandbox", lambda lab: _toml(lab, '[lab]\nsandbox = "docker"\n'), ["run"], "lab.sandbox must be none"),
+    ("unknown sandbox", lambda lab: _toml(lab, '[lab]\nsandbox = "docker"\n'), ["run"], "lab.sandbox must be auto, none"),
     ("unknown agent", lambda lab: None, ["run", "--agent", "gpt9"], "run.agent must be one of search, api, cli, scripted, got 'gpt9'"),
     ("malformed scripted steps", lambda lab: _scripted(lab, "{bad"), ["run", "--agent", "scripted"], "not valid JSON"),
     ("missing data", lambda lab: None, ["run", "--data", "/nonexistent/data"], "not a prepared dataset"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,9 +21,10 @@ def data_dir(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _config(budget_s=0.5, allowance_s=30.0) -> Config:
+def _config(budget_s=0.5, allowance_s=30.0, sandbox="none") -> Config:
     return Config().with_overrides(
-        [f"lab.budget_s={budget_s}", f"lab.startup_allowance_s={allowance_s}", "lab.device='cpu'", "lab.eval_timeout_s=60"]
+        [f"lab.budget_s={budget_s}", f"lab.startup_allowance_s={allowance_s}", "lab.device='cpu'", "lab.eval_timeout_s=60",
+         f"lab.sandbox='{sandbox}'"]
     )
 
 
@@ -121,13 +123,56 @@ if "--out" in _sys.argv:  # inside the evaluator: write a perfect score and leav
 """
 
 
-def test_an_eval_json_written_by_train_py_itself_is_invalid(tmp_path, data_dir):
+def test_train_py_cannot_write_the_verdict_from_the_judges_model_process(tmp_path, data_dir):
     work = _workdir(tmp_path)
     (work / "train.py").write_text((work / "train.py").read_text() + FORGE)
     result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
-    assert result.status == "invalid", result
-    assert result.val_bpb is None and "not written by the evaluator" in result.reason
-    assert result.eval == {}  # the forged figures are not recorded as the evaluator's
+    assert result.status == "ok", result  # its code runs where no --out is, nor any path of the trial
+    assert result.val_bpb is not None and result.val_bpb > 1
+
+
+def test_what_training_leaves_in_the_worktree_or_the_dataset_voids_the_trial(tmp_path, data_dir):
+    work = _workdir(tmp_path)
+    plant = ("    (Path.cwd() / 'sitecustomize.py').write_text('import os')\n"
+             "    (Path.cwd() / 'pkg').mkdir(exist_ok=True)\n    (Path.cwd() / 'pkg' / 'evil.pth').write_text('x')\n")
+    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", plant + "    time.sleep(SLEEP_S)\n")
+    (work / "train.py").write_text(text)
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "invalid" and "created files in the worktree" in result.reason, result.reason
+    assert "sitecustomize.py" in result.reason and not (work / "sitecustomize.py").exists()
+
+    shared = tmp_path / "shared"
+    shutil.copytree(data_dir, shared)
+    work2 = _workdir(tmp_path / "2")
+    poison = "    (data / 'token_bytes.npy').write_bytes((data / 'token_bytes.npy').read_bytes())\n"  # the view's copy
+    poison += "    os.utime(data / 'train.tokens.npy')\n    open(data / 'train.tokens.npy', 'ab').close()\n"
+    poison += "    with open(data / 'train.tokens.npy', 'r+b') as f:\n        f.write(f.read(1))\n"
+    text = (work2 / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", poison + "    time.sleep(SLEEP_S)\n")
+    (work2 / "train.py").write_text(text)
+    result = run_trial(work2, tmp_path / "run2", _config(), 0, data_dir=shared)
+    assert result.status == "invalid" and "wrote the shared dataset cache" in result.reason, result.reason
+    assert "train.tokens.npy" in result.reason and "token_bytes.npy" not in result.reason  # a copy: harmless
+
+
+def test_the_judge_scores_train_py_as_it_was_before_training(tmp_path, data_dir):
+    work = _workdir(tmp_path)
+    rewrite = "    Path(__file__).write_text(Path(__file__).read_text().replace('MODE = \"ok\"', 'MODE = \"leak\"'))\n"
+    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", rewrite + "    time.sleep(SLEEP_S)\n")
+    (work / "train.py").write_text(text)
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert 'MODE = "leak"' in (work / "train.py").read_text()
+    assert result.status == "ok", result.reason  # the leaking rewrite is not what gets judged
+
+
+def test_a_daemon_with_a_clean_environment_voids_the_trial_and_is_killed(tmp_path, data_dir):
+    work = _workdir(tmp_path)
+    daemon = ("    pid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True, "
+              "env={}).pid\n    (out / 'child.pid').write_text(str(pid))\n")
+    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", daemon + "    time.sleep(SLEEP_S)\n")
+    (work / "train.py").write_text(text)
+    result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
+    assert result.status == "invalid" and "left processes running after its stage" in result.reason, result.reason
+    assert not _pid_alive(int((tmp_path / "run" / "child.pid").read_text()))
 
 
 def test_hard_cap_stops_the_whole_group_even_when_it_ignores_sigterm(tmp_path, data_dir, monkeypatch):

@@ -54,7 +54,7 @@ class LabConfig:
     preset: str = "auto"  # auto | gpu | cpu: which size train.py builds (auto: by device)
     seed: int = 0  # base seed; the policy draws fresh seeds for reruns
     allowed_files: tuple[str, ...] = ("train.py",)  # what agents may change
-    sandbox: str = "none"  # none | bwrap: train and evaluate under bubblewrap (see bench/RELIABILITY.md)
+    sandbox: str = "auto"  # auto | none | bwrap: train and judge under bubblewrap (auto: where installed; bench/RELIABILITY.md)
     standby: str = "auto"  # auto | on | off: start the next trial while this one trains (auto: on CUDA)
 
 
@@ -212,7 +212,7 @@ def validate(config: Config, source: str = "config") -> None:
     need(0 <= lab.seed <= MAX_SEED, "lab.seed", lab.seed, f"between 0 and {MAX_SEED}")
     need(DEVICE.fullmatch(lab.device) is not None, "lab.device", lab.device, "auto, cpu, cuda or cuda:N")
     need(lab.preset in ("auto", "gpu", "cpu"), "lab.preset", lab.preset, "auto, gpu or cpu")
-    need(lab.sandbox in ("none", "bwrap"), "lab.sandbox", lab.sandbox, "none or bwrap")
+    need(lab.sandbox in ("auto", "none", "bwrap"), "lab.sandbox", lab.sandbox, "auto, none or bwrap")
     need(lab.standby in ("auto", "on", "off"), "lab.standby", lab.standby, "auto, on or off")
     need(bool(lab.allowed_files), "lab.allowed_files", list(lab.allowed_files),
          'a list of the files agents may edit, e.g. ["train.py"]')

@@ -35,7 +35,9 @@ def _env() -> dict[str, str]:
 
 
 def git(cwd: Path, *args: str, input: str | None = None) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input, env=_env())
+    """Run git with hooks off: a hook a trial planted in ``.git/hooks`` never runs as the orchestrator."""
+    done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, capture_output=True, text=True,
+                          input=input, env=_env())
     if done.returncode != 0:
         raise GitError(f"git {' '.join(args)} (in {cwd}) failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.rstrip("\n")

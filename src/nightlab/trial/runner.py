@@ -1,14 +1,24 @@
 """One trial: train ``train.py`` under a hard wall-clock cap, then judge it with the trusted evaluator.
 
-Both stages run as child processes in their own process group (session), so the whole group can be
-stopped at once: at the cap, on an error, and at the end of every stage even on success, so no
-stray process keeps GPU memory into the next trial. Output goes straight to files in the run
-folder (``train.log``, ``eval.log``), so nothing is lost if the runner itself is killed.
+Both stages run as child processes in their own session, so the whole group can be stopped at
+once: at the cap, on an error, and at the end of every stage even on success, so no stray process
+keeps GPU memory into the next trial. While a stage runs its session and descendants are followed
+(``nightlab.lab.reaper``); a process of it still running after the stage voids the trial
+(``invalid``) and is killed. Output goes straight to files in the run folder (``train.log``,
+``eval.log``), so nothing is lost if the runner itself is killed.
+
+What training may leave behind is its run folder only: files it created in the worktree outside
+the allowed files void the trial (and are removed), and so does a write to the shared dataset
+cache. The judge gets the allowed files as they were *before* training (a train.py that rewrites
+itself is judged as committed) and the SHA-256 of the weights taken when training ended; it runs
+as ``python -I -m nightlab.lab.evaluate`` outside the worktree, and runs train.py's model in a
+process of its own (``nightlab.lab.evaluate``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -17,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.config import Config
+from nightlab.lab import reaper
 from nightlab.lab.session import resolve_device, resolve_preset
 from nightlab.trial import pycache, sandbox
 from nightlab.trial.processes import launch, stop_group, train_env
-from nightlab.trial.standby import START_AT, Standby
+from nightlab.trial.standby import START_AT, Standby, files_in
 
 TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 LOG_TAIL_LINES = 50
@@ -56,6 +68,7 @@ class TrialResult:
 class _Stage:
     returncode: int | None  # None: stopped at the cap
     seconds: float
+    survivors: list[str] = field(default_factory=list)  # processes of the stage still running after it, killed
 
 
 def run_trial(
@@ -84,16 +97,21 @@ def run_trial(
     device = resolve_device(config.lab.device)
     preset = resolve_preset(config.lab.preset, device)
     extra_env = dict(env or {})
-    view = sandbox.train_view(data_dir, run_dir)  # training never gets the validation split
+    mode = sandbox.resolve(config.lab.sandbox)
+    view = sandbox.train_view(data_dir, run_dir, hard_links=mode != "bwrap")  # training never gets val.* or holdout.*
     pycache.fill()  # once per machine and version, in the background
     env = {**train_env(config, run_dir, view, seed, device, preset), **extra_env}
     started = time.monotonic()
     common = dict(device=device, preset=preset)
+    allowed = config.lab.allowed_files
+    source = files_in(workdir, allowed)  # what the judge imports: the allowed files as committed
+    worktree_before = _worktree_files(workdir)
+    dataset_before = sandbox.fingerprint(data_dir)
 
     cap = config.lab.budget_s + config.lab.startup_allowance_s
     train_log = run_dir / "train.log"
     command: list[str] | subprocess.Popen = [sys.executable, "train.py"]
-    if config.lab.sandbox == "bwrap":
+    if mode == "bwrap":
         command = sandbox.bwrap(command, cwd=workdir, writable=[workdir, run_dir], data_dir=data_dir)
     waiting = standby.take(workdir, seed, config.lab.allowed_files) if standby is not None else None
     log_path = train_log
@@ -126,8 +144,16 @@ def run_trial(
     log_tail = _tail(train_log)
     base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
 
-    if escaped := escaped_early + sandbox.escaped(run_dir):
+    if escaped := escaped_early + train.survivors + sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("train.py", escaped), error=log_tail, **base)
+    if created := _created(workdir, worktree_before, allowed):
+        return _done(started, status="invalid", error=log_tail, **base,
+                     reason=f"training created files in the worktree outside the allowed files (removed): "
+                            f"{', '.join(created[:10])}")
+    if touched := sandbox.changed(data_dir, dataset_before):
+        return _done(started, status="invalid", error=log_tail, **base,
+                     reason=f"training wrote the shared dataset cache {data_dir}: {', '.join(touched[:10])}; "
+                            "every later trial on it is affected: prepare the dataset again")
     if train.returncode is None:
         return _done(started, status="timeout", reason=f"training passed the hard cap of {cap:g} s and was stopped",
                      error=log_tail, **base)
@@ -141,29 +167,36 @@ def run_trial(
         return _done(started, status="crash", reason="train.py exited without writing model.pt (call lab.finish)",
                      error=log_tail, **base)
 
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()  # what the judge may load: these weights only
     eval_out, eval_log = run_dir / "eval.json", run_dir / "eval.log"
     eval_out.unlink(missing_ok=True)
+    judged = Path(tempfile.mkdtemp(prefix="nightlab-judged-"))  # outside the worktree and the lab
+    for name, data in source.items():
+        (judged / name).parent.mkdir(parents=True, exist_ok=True)
+        (judged / name).write_bytes(data)
     command = [
-        sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(workdir / "train.py"),
-        "--weights", str(weights), "--data", str(data_dir), "--out", str(eval_out),
-        "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len), "--token-stdin",
+        sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(judged / "train.py"),
+        "--files", *[n for n in source if n != "train.py"], "--weights", str(weights), "--weights-sha256", digest,
+        "--data", str(data_dir), "--out", str(eval_out), "--device", device, "--preset", preset,
+        "--seq-len", str(config.lab.eval_seq_len), "--sandbox", mode, "--token-stdin",
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
-    if config.lab.sandbox == "bwrap":
-        command = sandbox.bwrap(command, cwd=workdir, writable=[run_dir], readable=[workdir, data_dir])
     if standby is not None:
         standby.pause()  # the next trial's code stays still while this one is scored
-    # The evaluator reads this before train.py is imported and writes it into eval.json: an
-    # eval.json without it was written by someone else (a train.py that forged its score and exited).
+    # The scorer writes this into eval.json: an eval.json without it was written by someone else.
     token = secrets.token_hex(16)
     try:
+        if touched := sandbox.changed(data_dir, dataset_before):  # written while the standby ran, say
+            return _done(started, status="invalid", error=log_tail, **base,
+                         reason=f"the shared dataset cache {data_dir} changed before scoring: {', '.join(touched[:10])}")
         evaluation = _run_group(
-            command, workdir, env, eval_log, config.lab.eval_timeout_s,
+            command, judged, _eval_env(env), eval_log, config.lab.eval_timeout_s,
             on_start=lambda pid: on_stage and on_stage("eval", pid), stdin_data=f"{token}\n".encode(),
         )
         report = _read_json(eval_out)
     finally:
+        shutil.rmtree(judged, ignore_errors=True)
         if standby is not None:
             standby.resume()
     forged = bool(report) and report.pop("token", None) != token
@@ -172,7 +205,7 @@ def run_trial(
         return _done(started, status="invalid", error=_tail(eval_log), **{**base, "eval": {}},
                      reason="eval.json was not written by the evaluator (it lacks this evaluation's token): "
                             "the evaluated train.py wrote its own result")
-    if escaped := sandbox.escaped(run_dir):
+    if escaped := evaluation.survivors + sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),
                      error=_tail(eval_log), **base)
     return _done(started, **base, **_judge(evaluation, report, eval_log, config.lab.eval_timeout_s))
@@ -218,7 +251,26 @@ def _disk_full(run_dir: Path) -> str:
 
 
 def _escaped_reason(who: str, escaped: list[str]) -> str:
-    return f"{who} left processes running outside its process group, killed: {'; '.join(escaped)}"
+    return f"{who} left processes running after its stage, killed: {'; '.join(escaped)}"
+
+
+def _eval_env(env: dict[str, str]) -> dict[str, str]:
+    """The scorer's environment: the trial's, without the paths it gave training (the scorer is told
+    its paths on its command line, and builds the model process's environment from scratch)."""
+    return {k: v for k, v in env.items() if k not in ("NIGHTLAB_DATA", "NIGHTLAB_OUT")}
+
+
+def _worktree_files(workdir: Path) -> set[str]:
+    return {p.relative_to(workdir).as_posix() for p in workdir.rglob("*")
+            if ".git" not in p.relative_to(workdir).parts[:1] and (p.is_file() or p.is_symlink())}
+
+
+def _created(workdir: Path, before: set[str], allowed: tuple[str, ...]) -> list[str]:
+    """Files in the worktree now that were not there before and are not allowed files; removed."""
+    created = sorted(_worktree_files(workdir) - before - set(allowed))
+    for name in created:
+        (workdir / name).unlink(missing_ok=True)
+    return created
 
 
 def _done(started: float, **fields: Any) -> TrialResult:
@@ -241,6 +293,7 @@ def _run_group(
     started = time.monotonic()
     proc = command if isinstance(command, subprocess.Popen) else launch(command, cwd, env, log_path, stdin_data)
     follower = _LogFollower(log_path, on_line)
+    tracker = reaper.Tracker(proc.pid)
     returncode: int | None = None
     try:
         if on_start:
@@ -250,6 +303,7 @@ def _run_group(
                 returncode = proc.wait(timeout=POLL_S)
                 break
             except subprocess.TimeoutExpired:
+                tracker.poll()
                 follower.poll()
                 elapsed = time.monotonic() - started
                 if elapsed > cap_s:
@@ -257,10 +311,12 @@ def _run_group(
                 if on_tick:
                     on_tick(elapsed)
     finally:
+        tracker.poll()
         stop_group(proc.pid)
         proc.wait()
         follower.poll(final=True)
-    return _Stage(returncode=returncode, seconds=time.monotonic() - started)
+    survivors = reaper.kill(tracker.survivors(exclude=(proc.pid,)))
+    return _Stage(returncode=returncode, seconds=time.monotonic() - started, survivors=survivors)
 
 
 class _LogFollower:

@@ -2,24 +2,31 @@
 
 Always on:
 
-- ``train_view``: ``train.py`` is handed a dataset folder of links to the prepared dataset's files
-  without the validation split (``val.*``) and the text shards, so it cannot read the validation
-  split by accident. A train.py that goes looking (resolves a link, guesses the cache path) still
-  finds it: only the sandbox hides it.
+- ``train_view``: ``train.py`` is handed a dataset folder holding only what training needs
+  (``TRAIN_FILES``: the train split, the tokenizer, the token byte counts, the manifest), never
+  the validation split, the sealed holdout or the text shards. The small files are copies; the
+  train split is a hard link where the file system allows (else a symbolic link), so the view
+  does not name the cache's folder. ``fingerprint`` / ``changed`` catch a trial that wrote the
+  shared dataset cache anyway (a link is writable): size, modification and change times of every
+  file, taken before training and compared before scoring.
 - ``escaped``: processes that left the trial's process group (a new session, a daemon) but still
-  carry its ``NIGHTLAB_OUT`` are found and killed after each stage; the trial is ``invalid``.
+  carry its ``NIGHTLAB_OUT`` are found (psutil) and killed after each stage; the trial is
+  ``invalid``. The runner also follows every stage's session and descendants
+  (``nightlab.lab.reaper``).
 - ``Guard``: around each trial, the lab's own files (``program.md``, ``nightlab.toml``, ``org/``,
   everything in the checkout but ``notes/``, which the lead writes while trials run), the best
   model in ``.nightlab/best/`` and the store's finished experiments and their measurements are
   compared with what they were before; anything the trial changed is put back and the trial is
   ``invalid``.
 
-Optional (``lab.sandbox = "bwrap"``): both stages run under bubblewrap, the root file system
-read-only, a private ``/tmp``, only the worktree and the run folder writable (the evaluator: only
-the run folder), the validation split absent from the training stage, and every process of the
-trial in its own PID namespace that dies with it. Not covered: the network, GPU devices (shared
-as they are), reading other files the user can read, and the evaluator (which must read the
-validation split and imports train.py to build the model). ``bench/RELIABILITY.md`` has the list.
+The sandbox (``lab.sandbox``: ``auto``, the default, is bubblewrap where it is installed):
+training runs under bubblewrap, the root file system read-only, a private ``/tmp``, only the
+worktree and the run folder writable, the dataset folder replaced by the train view's files
+(read-only), and every process of the trial in its own PID namespace that dies with it. The
+model process that answers the judge runs in a root of only what Python needs, read-only, with
+no network (``nightlab.lab.model_client``). Not covered: GPU devices (shared as they are), the
+network during training, reading other files the user can read. Without bubblewrap
+``resolve`` says once what is then not protected. ``bench/RELIABILITY.md`` has the list.
 """
 
 from __future__ import annotations
@@ -27,18 +34,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import sqlite3
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SANDBOXES = ("none", "bwrap")
-HIDDEN_PREFIXES = ("val",)  # dataset entries training never gets
-HIDDEN_NAMES = ("text",)  # the text shards hold the validation documents too
+import psutil
+
+from nightlab.lab import reaper
+
+SANDBOXES = ("auto", "none", "bwrap")
+TRAIN_FILES = ("train.tokens.npy", "train.docs.npy", "tokenizer.pkl", "token_bytes.npy", "manifest.json")
+LINKED = ("train.tokens.npy", "train.docs.npy")  # large: linked, not copied
 VIEW_DIR = "data"  # the train-only view, inside the trial's run folder
+UNPROTECTED = ("bubblewrap is not installed, so trials run without the sandbox: training can read the validation "
+               "split from the dataset cache, write outside its run folder (the lab, the store, the cache, nightlab's "
+               "code) and leave processes that change session; these are detected after the fact where they can be "
+               "(bench/RELIABILITY.md), not prevented. Install it: apt-get install bubblewrap")
 UNGUARDED = (".git", ".nightlab", "notes", "__pycache__")  # lab folders a trial's guard does not compare
-KILL_WAIT_S = 5.0  # how long to wait for killed escapees to be gone
 MAX_GUARDED_BYTES = 4 << 20  # lab files larger than this are compared by hash only and not restored
 
 
@@ -49,20 +62,69 @@ class SandboxError(RuntimeError):
 # -- the training data view --------------------------------------------------------------------
 
 
-def train_view(data_dir: Path, run_dir: Path) -> Path:
-    """``run_dir/data``: links to every file of ``data_dir`` but the validation split and text shards."""
+def train_view(data_dir: Path, run_dir: Path, *, hard_links: bool = True) -> Path:
+    """``run_dir/data``: what training may read of ``data_dir`` (``TRAIN_FILES``), nothing else.
+
+    Under bubblewrap pass ``hard_links=False``: a symbolic link leads into the read-only dataset
+    folder, where a hard link would be the same, writable, file under the writable run folder.
+    """
     view = run_dir / VIEW_DIR
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
-    for entry in sorted(Path(data_dir).iterdir()):
-        if hidden(entry.name):
+    for name in TRAIN_FILES:
+        source = Path(data_dir) / name
+        if not source.is_file():
             continue
-        (view / entry.name).symlink_to(entry.resolve())
+        if name not in LINKED:
+            shutil.copyfile(source, view / name)
+            continue
+        try:
+            if not hard_links:
+                raise OSError("symbolic link wanted")
+            os.link(source.resolve(), view / name)
+        except OSError:  # another file system, links not allowed, or a symbolic link wanted
+            (view / name).symlink_to(source.resolve())
     return view
 
 
-def hidden(name: str) -> bool:
-    return name.startswith(HIDDEN_PREFIXES) or name in HIDDEN_NAMES
+Fingerprint = dict[str, tuple[int, int, int, int]]
+
+
+def fingerprint(data_dir: Path) -> Fingerprint:
+    """Size, inode, modification and change time of every file in the dataset folder (``ctime``
+    cannot be set back by a process, so a write shows even if the modification time is restored)."""
+    found = {}
+    for path in sorted(Path(data_dir).rglob("*")):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            found[path.relative_to(data_dir).as_posix()] = (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    return found
+
+
+def changed(data_dir: Path, before: Fingerprint) -> list[str]:
+    """The dataset files created, changed or deleted since ``before``."""
+    now = fingerprint(data_dir)
+    return sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+
+
+_said: set[str] = set()
+
+
+def resolve(sandbox: str, say=None) -> str:
+    """``bwrap`` or ``none`` for ``lab.sandbox``: ``auto`` is bubblewrap where it is installed; without
+    it, what is not protected is said once per process (on stderr, or to ``say``)."""
+    check_available(sandbox)
+    if sandbox != "auto":
+        return sandbox
+    if shutil.which("bwrap") is not None:
+        return "bwrap"
+    if UNPROTECTED not in _said:
+        _said.add(UNPROTECTED)
+        (say or (lambda line: print(line, file=sys.stderr)))(f"nightlab: {UNPROTECTED}")
+    return "none"
 
 
 # -- bubblewrap ------------------------------------------------------------------------------
@@ -80,8 +142,8 @@ def check_available(sandbox: str) -> None:
 def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list[Path] = (),
           data_dir: Path | None = None) -> list[str]:
     """``command`` run in ``cwd`` under bubblewrap: all read-only but ``writable``, a private ``/tmp``
-    (``readable`` and ``writable`` paths inside it are bound again), ``data_dir`` without its hidden
-    entries."""
+    (``readable`` and ``writable`` paths inside it are bound again), ``data_dir`` holding only
+    ``TRAIN_FILES``."""
     check_available("bwrap")
     args = ["bwrap", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--unshare-pid", "--die-with-parent"]
@@ -92,9 +154,9 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list
     if data_dir is not None:
         real = Path(data_dir).resolve()
         args += ["--tmpfs", str(real)]
-        for entry in sorted(real.iterdir()):
-            if not hidden(entry.name):
-                args += ["--ro-bind", str(entry), str(entry)]
+        for name in TRAIN_FILES:
+            if (real / name).is_file():
+                args += ["--ro-bind", str(real / name), str(real / name)]
     return [*args, "--chdir", str(cwd), "--", *command]
 
 
@@ -110,38 +172,19 @@ def escaped(run_dir: Path) -> list[str]:
 def kill_marked(marker: bytes) -> list[str]:
     """Kill live processes whose environment (NUL-separated, with a NUL in front) contains
     ``marker``, and wait until they are gone; describe each one killed."""
-    killed, pids = [], []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return killed
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
         try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, IndexError):
-            continue
-        if marker in environ and state not in ("Z", "X"):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
+            environ = proc.environ()
+            if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            killed.append(f"pid {entry.name} ({command[:80]})")
-            pids.append(int(entry.name))
-    deadline = time.monotonic() + KILL_WAIT_S
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
-        time.sleep(0.02)
-    return killed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+        except psutil.Error:
+            continue
+        if marker in b"\0" + "\0".join(f"{k}={v}" for k, v in environ.items()).encode() + b"\0":
+            found.append(proc)
+    return reaper.kill(found)
 
 
 # -- the guard around a trial --------------------------------------------------------------------
@@ -160,7 +203,7 @@ class Guard:
     measured: dict[int, list[tuple]] = field(default_factory=dict)  # experiment -> its measurement rows
 
     @classmethod
-    def take(cls, lab_dir: Path, store_path: Path, exp_id: int) -> "Guard":
+    def take(cls, lab_dir: Path, store_path: Path, exp_id: int) -> Guard:
         guard = cls(Path(lab_dir), Path(store_path), exp_id)
         guard.files = _lab_files(guard.lab_dir)
         guard.best_id = best_id(guard.lab_dir)

@@ -12,7 +12,8 @@ nothing but the background work.
 What it changes for the trial that is running: the waiting process holds the GPU memory of its own
 warm-up, and its one warm-up step shares the GPU with the running trial for a moment (under 1 % of
 a 120 s budget). So a standby starts only while the GPU has room (``MAX_USED_SHARE`` of its memory
-in use or less, by ``nvidia-smi``), never under the bubblewrap sandbox, and by default only on
+in use or less, by ``nvidia-smi``), never under the bubblewrap sandbox (``lab.sandbox`` = ``bwrap``,
+or ``auto`` where bubblewrap is installed), and by default only on
 CUDA (``lab.standby = "auto"``; on the CPU the two processes would share the cores).
 
 Fairness stays as it was: the time a standby spends before ``lab.ready()`` counts against the
@@ -78,7 +79,7 @@ class Waiting:
 def enabled(config: Config, device: str) -> bool:
     """Whether trials on ``device`` use a standby under ``config`` (``lab.standby``)."""
     mode = config.lab.standby
-    if mode == "off" or config.lab.sandbox == "bwrap":
+    if mode == "off" or sandbox.resolve(config.lab.sandbox) == "bwrap":
         return False
     return mode == "on" or device.startswith("cuda")
 
