@@ -10,7 +10,9 @@ ever interpreted by a shell):
 - ``{files}``: the files the agent may edit, as separate arguments.
 
 A template that names neither ``{prompt}`` nor ``{prompt_file}`` gets the prompt on standard
-input; otherwise standard input is empty. The agent runs with the worktree as its current
+input; otherwise standard input is empty. What the agent cost is read from its machine-readable
+output where it prints one (Claude Code's ``--output-format json``: dollars and tokens; Codex's
+``exec --json`` events: tokens); elsewhere it is unknown (None), never 0. The agent runs with the worktree as its current
 directory and in its own process group, which is ended when it returns or when it runs past
 ``cli.timeout_s``. Its edits are the proposal. It may write ``DESCRIPTION`` in the worktree (the
 first line is the description, the rest the rationale); nightlab reads and removes that file.
@@ -20,6 +22,7 @@ Without it, the description is the agent's last line of output, else "cli edit".
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -30,6 +33,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab.agents import pricing
 from nightlab.config import CliAgentConfig, ConfigError
 from nightlab.night.proposals import Context, Proposal, ProposalError
 from nightlab.agents.prompt import build_prompt
@@ -40,9 +44,11 @@ ON_STDIN = "Follow the instructions on standard input."
 # Claude Code refuses --dangerously-skip-permissions when run as root, so its preset accepts
 # edits and allows only the file tools. aider must not commit or touch .gitignore (the loop
 # commits, and only the allowed files may change) and keeps its history files out of the worktree.
+# Claude Code and Codex print what they spent as JSON (``--output-format json``, ``--json``).
 PRESETS: dict[str, str] = {
-    "claude": f'claude -p "{ON_STDIN}" --permission-mode acceptEdits --allowedTools "Edit Write Read"',
-    "codex": f'codex exec --sandbox workspace-write --skip-git-repo-check -C {{workdir}} "{ON_STDIN}"',
+    "claude": (f'claude -p "{ON_STDIN}" --output-format json --permission-mode acceptEdits '
+               '--allowedTools "Edit Write Read"'),
+    "codex": f'codex exec --json --sandbox workspace-write --skip-git-repo-check -C {{workdir}} "{ON_STDIN}"',
     "aider": (
         "aider --yes --no-auto-commits --no-gitignore --no-check-update --no-show-model-warnings "
         "--chat-history-file {tmpdir}/chat.md --input-history-file {tmpdir}/input.md "
@@ -50,6 +56,15 @@ PRESETS: dict[str, str] = {
     ),
     "gemini": f'gemini --approval-mode auto_edit -p "{ON_STDIN}"',
     "opencode": 'opencode run --file {prompt_file} "Follow the instructions in the attached file."',
+}
+
+# How to install each preset's program, for the error when it is missing.
+INSTALL: dict[str, str] = {
+    "claude": "npm install -g @anthropic-ai/claude-code",
+    "codex": "npm install -g @openai/codex",
+    "aider": "python -m pip install aider-install && aider-install",
+    "gemini": "npm install -g @google/gemini-cli",
+    "opencode": "npm install -g opencode-ai",
 }
 
 INSTRUCTIONS = """Make one focused change for the next experiment by editing the files in the current
@@ -120,10 +135,12 @@ class CliProposer:
         self._lock = threading.Lock()
         program = shlex.split(self.template)[0] if shlex.split(self.template) else ""
         if not program or shutil.which(program) is None:
-            raise ConfigError(
-                f"the cli agent runs {program or '(an empty command)'!r}, which is not on PATH; "
-                f"install it, or pick another cli.preset ({', '.join(PRESETS)}) or cli.command"
-            )
+            others = f"choose another cli.preset ({', '.join(PRESETS)}) or set cli.command"
+            if not config.command.strip():
+                raise ConfigError(f"cli.preset = {config.preset!r} runs {program!r}, which is not installed (not on "
+                                  f"PATH); install it with `{INSTALL[config.preset]}`, or {others}")
+            raise ConfigError(f"cli.command runs {program or '(an empty command)'!r}, which is not on PATH; "
+                              f"install it, or {others}")
 
     def propose(self, context: Context, worktree: Path) -> Proposal:
         worktree = Path(worktree).resolve()
@@ -139,21 +156,25 @@ class CliProposer:
                 self.template, prompt=prompt, prompt_file=prompt_file, workdir=worktree, tmpdir=tmpdir, files=files
             )
             outcome = self._run(argv, worktree, prompt_file if wants_stdin(self.template) else None, tmpdir)
-        description, rationale = _read_description(worktree, outcome.stdout)
+        spent = usage(outcome.stdout)
+        cost = {"cost_usd": spent.cost_usd, "tokens_in": spent.tokens_in, "tokens_out": spent.tokens_out}
+        description, rationale = _read_description(worktree, spent.text if spent.text is not None else outcome.stdout)
         if outcome.returncode is None:
             raise ProposalError(
                 f"{argv[0]} ran past cli.timeout_s = {self.config.timeout_s:g} s and was stopped; "
-                f"its output ended: {_tail(outcome.stdout + outcome.stderr)}"
+                f"its output ended: {_tail(outcome.stdout + outcome.stderr)}", **cost
             )
         if outcome.returncode != 0:
             raise ProposalError(
-                f"{argv[0]} exited with status {outcome.returncode}: {_tail(outcome.stderr or outcome.stdout)}"
+                f"{argv[0]} exited with status {outcome.returncode}: {_tail(spent.text or outcome.stderr or outcome.stdout)}",
+                **cost
             )
         after = _snapshot(worktree)
         changed = [path for path in before.keys() | after.keys() if before.get(path) != after.get(path)]
         if not changed:
-            raise ProposalError(f"{argv[0]} made no edits; its output ended: {_tail(outcome.stdout + outcome.stderr)}")
-        return Proposal(description=description, rationale=rationale)
+            raise ProposalError(f"{argv[0]} made no edits; its output ended: {_tail(outcome.stdout + outcome.stderr)}",
+                                **cost)
+        return Proposal(description=description, rationale=rationale, **cost)
 
     def observe(self, proposal: Proposal, status: str, val_bpb: float | None) -> None:
         """The outcome reaches the agent through the history in the next context."""
@@ -193,6 +214,64 @@ class CliProposer:
                     _signal_group(process.pid, signal.SIGKILL)  # whatever it left running in its group
             process.wait()
         return Outcome(returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one agent run spent, as its own output says; None where it does not say."""
+
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    text: str | None = None  # the agent's final message, where its output is JSON
+
+
+def usage(stdout: str) -> Usage:
+    """Cost, tokens and final message from an agent's machine-readable output: Claude Code's
+    ``--output-format json`` result, or Codex's ``exec --json`` events. Anything else: unknown."""
+    events = []
+    for line in stdout.splitlines() if stdout.strip() else []:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    if not events:
+        try:
+            whole = json.loads(stdout)
+        except ValueError:
+            return Usage()
+        events = [whole] if isinstance(whole, dict) else []
+    result = next((e for e in reversed(events) if e.get("type") == "result"), None)
+    if result is not None:  # Claude Code
+        tokens = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+        cost = result.get("total_cost_usd")
+        return Usage(float(cost) if _count(cost) else None, _sum(tokens, _CLAUDE_IN), _sum(tokens, ("output_tokens",)),
+                     str(result["result"]) if isinstance(result.get("result"), str) else None)
+    turns = [e["usage"] for e in events if e.get("type") == "turn.completed" and isinstance(e.get("usage"), dict)]
+    if turns:  # Codex: one turn.completed per turn, each with that turn's tokens; it prints no price
+        tokens_in = sum(_sum(u, ("input_tokens",)) or 0 for u in turns)
+        tokens_out = sum(_sum(u, ("output_tokens",)) or 0 for u in turns)
+        said = [e["item"].get("text") for e in events if e.get("type") == "item.completed"
+                and isinstance(e.get("item"), dict) and e["item"].get("type") == "agent_message"]
+        model = next((e.get("model") for e in events if isinstance(e.get("model"), str)), "")
+        return Usage(pricing.cost_usd(model, tokens_in, tokens_out) if model else None, tokens_in, tokens_out,
+                     said[-1] if said and isinstance(said[-1], str) else None)
+    return Usage()
+
+
+# Claude Code's input tokens: new ones, those written to its prompt cache, and those read from it.
+_CLAUDE_IN = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _count(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+
+
+def _sum(tokens: dict, keys: tuple[str, ...]) -> int | None:
+    found = [int(tokens[k]) for k in keys if _count(tokens.get(k))]
+    return sum(found) if found else None
 
 
 def _signal_group(pid: int, sig: int) -> None:

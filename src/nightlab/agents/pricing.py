@@ -1,8 +1,9 @@
 """What an LLM call cost: a small table of list prices, in US dollars per million tokens.
 
 A model matches the longest entry its name starts with, so dated names
-(``claude-sonnet-4-20250514``) find their family. Unknown models (local servers, new names)
-cost 0: the tokens are still recorded, and a price can be added here.
+(``claude-sonnet-4-20250514``) find their family. An unknown model (a local server, a new name)
+has an unknown cost, None, never a made-up 0: its tokens are still recorded, and a price can be
+added here.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def price(model: str) -> tuple[float, float] | None:
     return PRICES[max(matches, key=len)] if matches else None
 
 
-def cost_usd(model: str, tokens_in: int, tokens_out: int) -> float:
+def cost_usd(model: str, tokens_in: int, tokens_out: int) -> float | None:
     known = price(model)
     if known is None:
-        return 0.0
+        return None
     return (tokens_in * known[0] + tokens_out * known[1]) / 1e6
