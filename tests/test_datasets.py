@@ -180,8 +180,9 @@ def test_dataset_dirs_and_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     local = datasets.dataset_dir(f"local:{tmp_path}/My Data", 8192).name
     assert local.startswith("local-My-Data-") and local.endswith("-r2-v8192") and len(local.split("-")[3]) == 8
     assert datasets.dataset_dir(f"local:{tmp_path}/a/x", 512) != datasets.dataset_dir(f"local:{tmp_path}/b/x", 512)
-    for bad in ("pycod", "climbmix:5", "local:", "pycode:all"):
-        with pytest.raises(datasets.DatasetError, match="pycode, pycode:stdlib, climbmix or local:PATH"):
+    assert datasets.dataset_dir("hostcode", 8192).name == "hostcode-r2-v8192"
+    for bad in ("pycod", "climbmix:5", "local:", "pycode:all", "pycode:host", "hostcode:x"):
+        with pytest.raises(datasets.DatasetError, match="pycode, pycode:stdlib, hostcode, climbmix or local:PATH"):
             datasets.dataset_dir(bad, 8192)
 
 
@@ -255,6 +256,27 @@ def test_pycode_stdlib_scope_leaves_out_installed_packages(tmp_path: Path, monke
     index = pycode.build("stdlib", text_dir, progress=False)
     assert text_documents(tmp_path, "train") + text_documents(tmp_path, "val") == ["STD = 1\n"]
     assert index.details["files"] == 1
+
+
+def test_hostcode_keeps_source_and_text_files_and_leaves_out_links_and_large_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pycode.roots("host") == [Path("/usr"), Path("/opt"), Path("/etc")]
+    root = tmp_path / "usr"
+    (root / "include").mkdir(parents=True)
+    kept = {"include/a.h": "int a;\n", "b.cu": "__global__ void k() {}\n", "c.pyi": "def f() -> int: ...\n",
+            "notes.md": "# notes\n", "d.txt": "plain text\n"}
+    for name, text in kept.items():
+        (root / name).write_text(text)
+    (root / "image.png").write_bytes(b"\x89PNG not text")  # not a kept suffix
+    (root / "big.txt").write_text("y" * (pycode.HOST_MAX_BYTES + 1))  # too large: generated, not written
+    (root / "link.h").symlink_to(root / "include" / "a.h")  # a link is not walked into the corpus twice
+    monkeypatch.setattr(pycode, "roots", lambda scope: [root])
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    index = pycode.build("host", text_dir, progress=False)
+    served = sorted(text_documents(tmp_path, "train") + text_documents(tmp_path, "val")
+                    + text_documents(tmp_path, "holdout"))
+    assert served == sorted(kept.values()) and index.details["files"] == len(kept)
 
 
 def test_pycode_roots_are_the_interpreters_own() -> None:

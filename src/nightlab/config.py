@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LabConfig:
-    dataset: str = "pycode"  # pycode | pycode:stdlib | climbmix | local:PATH
+    dataset: str = "pycode"  # pycode | pycode:stdlib | hostcode | climbmix | local:PATH
     vocab_size: int = 8192  # BPE vocabulary, special tokens included
     num_shards: int = 8  # climbmix: training shards to download (the pinned val shard is extra)
     budget_s: float = 300.0  # training wall-clock budget of one experiment, compile warm-up excluded
@@ -69,8 +69,6 @@ class RunConfig:
     max_experiments: int = 0  # 0 = no limit
     hours: float = 0.0  # 0 = no limit
     tag: str = ""  # run branch nightlab/<tag>; empty = today's date
-    max_repeats: int = 3  # proposals refused as repeats in a row before an agent is told to change direction
-    max_cost_usd: float = 0.0  # 0 = no limit; else no new proposal once the agents' known cost reaches it (USD)
     max_repeats: int = 3  # proposals refused as repeats in a row before an agent is told to change direction
     max_cost_usd: float = 0.0  # 0 = no limit; else no new proposal once the agents' known cost reaches it (USD)
 
@@ -221,9 +219,6 @@ def validate(config: Config, source: str = "config") -> None:
     need(run.baseline_runs >= 1, "run.baseline_runs", run.baseline_runs, "at least 1")
     need(run.confirm_runs >= 0, "run.confirm_runs", run.confirm_runs, "0 or more")
     need(run.max_experiments >= 0, "run.max_experiments", run.max_experiments, "0 (no limit) or more")
-    need(run.max_repeats >= 1, "run.max_repeats", run.max_repeats, "at least 1")
-    need(math.isfinite(run.max_cost_usd) and run.max_cost_usd >= 0, "run.max_cost_usd", run.max_cost_usd,
-         "0 (no limit) or more US dollars")
     need(run.max_repeats >= 1, "run.max_repeats", run.max_repeats, "at least 1")
     need(math.isfinite(run.max_cost_usd) and run.max_cost_usd >= 0, "run.max_cost_usd", run.max_cost_usd,
          "0 (no limit) or more US dollars")

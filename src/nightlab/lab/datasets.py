@@ -1,4 +1,4 @@
-"""Datasets: from a spec (``pycode``, ``pycode:stdlib``, ``climbmix``, ``local:PATH``) to a prepared folder.
+"""Datasets: from a spec (``pycode``, ``pycode:stdlib``, ``hostcode``, ``climbmix``, ``local:PATH``) to a prepared folder.
 
 ``prepare`` runs four steps into ``<cache>/datasets/<slug>/`` (layout in docs/architecture.md), each
 skipped when its output is already there, each writing under a temporary name and renaming:
@@ -44,7 +44,7 @@ from nightlab.lab import tokenizer as bpe
 from nightlab.lab import climbmix, localtext, pycode, tokens
 from nightlab.lab.shards import INDEX_FILE, SPLITS, DatasetError, TextIndex, iter_text_batches, shard_paths
 
-SPECS = "pycode, pycode:stdlib, climbmix or local:PATH"
+SPECS = "pycode, pycode:stdlib, hostcode, climbmix or local:PATH"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"  # held by the prepare at work on the folder
 TEXT_DIR = "text"
@@ -59,7 +59,7 @@ class DatasetNotPrepared(FileNotFoundError):
 @dataclass(frozen=True)
 class DatasetSpec:
     kind: str  # pycode | climbmix | local
-    scope: str = ""  # pycode: all | stdlib
+    scope: str = ""  # pycode: all | stdlib | host (the spec ``hostcode``)
     path: Path | None = None  # local: the folder, resolved
 
     def slug(self, num_shards: int = 8) -> str:
@@ -77,7 +77,7 @@ class DatasetSpec:
         if self.kind == "climbmix":
             return f"climbmix-s{num_shards}"
         if self.kind == "pycode":
-            return ("pycode" if self.scope == "all" else f"pycode-{self.scope}") + suffix
+            return {"all": "pycode", "host": "hostcode"}.get(self.scope, f"pycode-{self.scope}") + suffix
         if self.kind == "local":
             assert self.path is not None
             name = re.sub(r"[^A-Za-z0-9_.]+", "-", self.path.name).strip("-.") or "data"
@@ -89,6 +89,8 @@ def parse_spec(spec: str) -> DatasetSpec:
     kind, sep, arg = spec.strip().partition(":")
     if kind == "pycode" and arg in ("", "stdlib"):
         return DatasetSpec("pycode", scope=arg or "all")
+    if kind == "hostcode" and not sep:
+        return DatasetSpec("pycode", scope="host")
     if kind == "climbmix" and not sep:
         return DatasetSpec("climbmix")
     if kind == "local" and arg:

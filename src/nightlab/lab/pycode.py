@@ -1,10 +1,14 @@
-"""The ``pycode`` dataset: the Python source installed with the running interpreter, needing no network.
+"""The ``pycode`` and ``hostcode`` datasets: source and text already on the machine, needing no network.
 
 The recipe (the same on every machine, so the corpus and its hash can be rebuilt anywhere):
 
 - roots: ``site.getsitepackages()`` plus ``sysconfig.get_paths()["stdlib"]``, walked with
   ``os.walk``; every file ending in ``.py`` whose bytes decode as UTF-8. ``pycode:stdlib`` walks the
-  standard library only, without the ``site-packages``/``dist-packages`` folders inside it;
+  standard library only, without the ``site-packages``/``dist-packages`` folders inside it.
+  ``hostcode`` (the GPU benchmark corpus, about twice ``pycode`` on a CUDA image) walks ``/usr``,
+  ``/opt`` and ``/etc`` (symbolic links not followed) and keeps Python (``.py``, ``.pyi``), C, C++
+  and CUDA sources and headers (``.c``, ``.h``, ``.cc``, ``.cpp``, ``.cxx``, ``.hpp``, ``.hh``,
+  ``.cu``, ``.cuh``) and documentation text (``.rst``, ``.md``, ``.txt``), files of at most 1 MB;
 - unique by the SHA-1 of the file's bytes (first one seen wins; same bytes, same text);
 - corpus hash: SHA-256 of the 20-byte SHA-1 digests of all kept files, sorted and concatenated;
   the first 16 hex digits;
@@ -29,7 +33,10 @@ from typing import Iterator
 from nightlab.lab import progress as progress_bars
 from nightlab.lab.shards import ShardWriter, TextIndex
 
-SCOPES = ("all", "stdlib")
+SCOPES = ("all", "stdlib", "host")
+HOST_ROOTS = ("/usr", "/opt", "/etc")
+HOST_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".cuh", ".rst", ".md", ".txt")
+HOST_MAX_BYTES = 1 << 20  # larger files are generated tables and logs more than code or prose
 PASSAGE_CHARS = 6000
 VAL_FIRST_BYTES = (0, 1, 2)
 HOLDOUT_FIRST_BYTES = (3, 4, 5)  # as many files as validation, taken from what recipe 1 trained on
@@ -44,18 +51,21 @@ HOLDOUT_RULE = "holdout = the files whose SHA-1 digest's first byte is 3, 4 or 5
 def roots(scope: str) -> list[Path]:
     """The folders the recipe walks, in order."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if scope == "host":
+        return [Path(p) for p in HOST_ROOTS]
     if scope == "stdlib":
         return [stdlib]
     return [Path(p) for p in site.getsitepackages()] + [stdlib]
 
 
-def source_files(folders: list[Path], *, prune: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Every ``.py`` file under the folders, walked in sorted order so runs agree."""
+def source_files(folders: list[Path], *, prune: tuple[str, ...] = (),
+                 suffixes: tuple[str, ...] = (".py",)) -> Iterator[Path]:
+    """Every file ending in one of ``suffixes`` under the folders, walked in sorted order so runs agree."""
     for root in folders:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in prune)
             for name in sorted(filenames):
-                if name.endswith(".py"):
+                if name.endswith(suffixes):
                     yield Path(dirpath) / name
 
 
@@ -88,14 +98,18 @@ def build(scope: str, text_dir: Path, *, progress: bool = True) -> TextIndex:
         raise ValueError(f"pycode scope {scope!r}: use one of {', '.join(SCOPES)}")
     folders = roots(scope)
     prune = PACKAGE_FOLDERS if scope == "stdlib" else ()
+    suffixes = HOST_SUFFIXES if scope == "host" else (".py",)
     seen: set[bytes] = set()
     counts = {"files": 0, "bytes": 0, "not_utf8": 0, "duplicates": 0}
     with ShardWriter(text_dir, "train") as train, ShardWriter(text_dir, "val") as val, \
             ShardWriter(text_dir, "holdout") as holdout, \
-            progress_bars.bar("reading .py files", None, enabled=progress) as bar:
-        for path in source_files(folders, prune=prune):
+            progress_bars.bar(f"reading {'source and text' if scope == 'host' else '.py'} files", None,
+                              enabled=progress) as bar:
+        for path in source_files(folders, prune=prune, suffixes=suffixes):
             bar.advance()
             try:
+                if scope == "host" and (path.is_symlink() or path.stat().st_size > HOST_MAX_BYTES):
+                    continue
                 data = path.read_bytes()
             except OSError:
                 continue  # a dangling link or an unreadable file is not part of the corpus
