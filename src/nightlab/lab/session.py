@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nightlab import config as cfg
+from nightlab.lab.loader import TrainLoader
+
 ENV_DATA = "NIGHTLAB_DATA"
 ENV_OUT = "NIGHTLAB_OUT"
 ENV_BUDGET = "NIGHTLAB_BUDGET_S"
@@ -38,7 +41,7 @@ def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
     if device != "auto":
         return device
-    import torch
+    import torch  # deferred: heavy; only "auto" asks whether a GPU is there
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -65,8 +68,6 @@ class Session:
 
     def train_loader(self, batch_size: int, seq_len: int):
         """Batches of the training split: ``(inputs, targets, epoch)`` on this session's device."""
-        from nightlab.lab.loader import TrainLoader
-
         return TrainLoader(self.data_dir, batch_size, seq_len, self.device, self.seed)
 
     def ready(self) -> None:
@@ -90,7 +91,7 @@ class Session:
 
     def finish(self, model: Any, summary: dict[str, Any]) -> Path:
         """Save the model's weights for the evaluator and the run's own numbers. Returns the weights path."""
-        import torch
+        import torch  # deferred: heavy
 
         model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper saves as its module
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -117,7 +118,8 @@ def connect(start_dir: Path | str | None = None) -> Session:
         seed = int(env.get(ENV_SEED, "0"))
         budget_tokens = int(env.get(ENV_BUDGET_TOKENS) or 0)
     else:
-        from nightlab import config as cfg
+        # deferred: the dataset machinery (0.15 s) serves only `python train.py` run by hand; trials get
+        # everything from the environment
         from nightlab.lab import datasets
 
         # `python train.py` from anywhere inside the lab reads the lab's settings, not the defaults
