@@ -84,18 +84,18 @@ class SearchAgentConfig:
 class ApiAgentConfig:
     provider: str = "openai"  # openai (any OpenAI-compatible endpoint) | anthropic
     base_url: str = ""  # e.g. http://127.0.0.1:8000/v1 for a local server
-    model: str = ""
+    model: str = ""  # the model's name, e.g. gpt-4.1 or claude-sonnet-4-5 (required by the api agent)
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
-    max_tokens: int = 8192
-    timeout_s: float = 300.0
-    max_retries: int = 6
+    max_tokens: int = 8192  # the most tokens one reply may have
+    timeout_s: float = 300.0  # seconds one API call may take before it counts as failed
+    max_retries: int = 6  # retries of a call that failed for a passing cause (rate limit, timeout, server error)
 
 
 @dataclass(frozen=True)
 class CliAgentConfig:
     preset: str = "claude"  # claude | codex | aider | gemini | opencode | custom
-    command: str = ""  # custom command template; {prompt_file} and {workdir} are filled in
-    timeout_s: float = 900.0
+    command: str = ""  # replaces the preset's command; {prompt_file} {prompt} {workdir} {tmpdir} {files} filled in
+    timeout_s: float = 900.0  # seconds one agent run may take; then it and every process it started are stopped
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     (lab_dir / "notes" / "agenda.md").write_text("# Agenda\n\nNothing yet: the lead writes the agenda here.\n")
     (lab_dir / "notes" / "findings.md").write_text("# Findings\n\nWhat the night has taught so far.\n")
     (lab_dir / cfg.CONFIG_FILE).write_text(
-        "# nightlab lab settings. Every key is documented in `nightlab init --help` and the README;\n"
-        "# an unknown key is an error. Override any of them once with --set section.key=value.\n\n"
+        "# nightlab lab settings. Every key, its type, default and meaning: docs/configuration.md in\n"
+        "# nightlab's repository (`python -m nightlab.config_docs` prints it). An unknown key is an\n"
+        "# error. Override any of them once with --set section.key=value.\n\n"
         + cfg.dumps(conf)
     )
     (lab_dir / ".gitignore").write_text(GITIGNORE)
