@@ -1,4 +1,4 @@
-"""``nightlab run``, ``nightlab experiment`` and ``nightlab replay``: the research loop's commands."""
+"""``nightlab run``, ``nightlab experiment``, ``nightlab replay`` and ``nightlab finalize``: the research loop's commands."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nightlab.paths import state_dir
 from nightlab.cli.common import UserError, lab_default
 from nightlab.cli.org import scheduler_for, team_for
 from nightlab.lab import datasets
-from nightlab.night import git
+from nightlab.night import finalize, git
 from nightlab.night.proposals import Proposal, admit
 from nightlab.night.recovery import recover
 from nightlab.night.state import Lab, start_run
@@ -83,6 +83,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed (default: a fresh one)")
     _add_common(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "finalize",
+        help="end of night: measure the best with each keep left out; flag keeps that no longer contribute",
+        description="Leave-one-out ablation of the run's chain of keeps: the best with each keep reverted "
+        "alone, trained and judged with the configured seeds (lab.seed and run.confirm_runs more), on val and "
+        "on the sealed holdout; each keep's contribution in noise widths. With --prune, branch "
+        "nightlab/<tag>-final holds only the contributing keeps, measured again. Stopped or killed, the same "
+        "command continues where it was.",
+    )
+    p.add_argument("--tag", help="the run to finalize (default: the latest)")
+    p.add_argument("--prune", action="store_true", help="write nightlab/<tag>-final with the contributing keeps only")
+    _add_common(p)
+    p.set_defaults(func=cmd_finalize)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -335,3 +349,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"val_bpb: {result.val_bpb:.6f}" if result.val_bpb is not None else f"reason: {result.reason}")
     print(f"recorded_val_bpb: {recorded}\nseed: {seed}\nrun_dir: {run_dir}")
     return 0 if result.status == "ok" else 1
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    lab_dir, config, data_dir = _setup(args)
+    with _holding(lab_dir), Store.open(lab_dir) as store:
+        runs = [r for r in store.runs() if not args.tag or r.tag == args.tag]
+        if not runs:
+            known = ", ".join(r.tag for r in store.runs()) or "none yet"
+            raise UserError(f"no run {args.tag!r} in {lab_dir} (runs: {known}); give one of them with --tag"
+                            if args.tag else f"no run in {lab_dir} to finalize; start one with `nightlab run`")
+        lab = _lab(lab_dir, config, data_dir, store, runs[-1], args.verbose)
+        recover(lab)  # a killed run's trial still running is stopped, its refs are put back
+        try:
+            finale = finalize.finalize(lab, prune=args.prune)
+        except finalize.FinalizeError as e:
+            raise UserError(str(e)) from None
+    print("---")
+    print(finalize.render(finale))
+    return 0

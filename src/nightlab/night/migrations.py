@@ -150,6 +150,30 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE measurements ADD COLUMN tok_per_s REAL;                       -- the trial's training throughput
     ALTER TABLE measurements ADD COLUMN shape TEXT NOT NULL DEFAULT '';       -- params:tokens per step
     """,
+    # 6: the sealed holdout, scored after a keep's verdict; trials that check keeps afterwards
+    """
+    ALTER TABLE experiments ADD COLUMN holdout_bpb REAL;     -- mean of its trials' holdout scores (keeps only)
+    ALTER TABLE measurements ADD COLUMN holdout_bpb REAL;    -- this trial's model scored on the holdout
+    ALTER TABLE experiments ADD COLUMN at_scale TEXT NOT NULL DEFAULT '';  -- holds | fails: the best at promote_budget_s
+    CREATE TABLE checks (
+        id INTEGER PRIMARY KEY,
+        run_tag TEXT NOT NULL,
+        kind TEXT NOT NULL,                        -- ablation | pruned | scale
+        best_id INTEGER NOT NULL,                  -- the best the check starts from
+        keep_id INTEGER NOT NULL DEFAULT 0,        -- ablation: the keep reverted; 0: none
+        commit_sha TEXT NOT NULL,                  -- the code trained
+        seed INTEGER NOT NULL,
+        budget_s REAL NOT NULL,
+        status TEXT NOT NULL,                      -- running | ok | crash | timeout | invalid
+        val_bpb REAL,
+        holdout_bpb REAL,
+        pgid INTEGER,                              -- the process group of the trial while it runs
+        reason TEXT NOT NULL DEFAULT '',
+        run_dir TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (run_tag, kind, best_id, keep_id, seed, budget_s)
+    );
+    """,
 )
 
 

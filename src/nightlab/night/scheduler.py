@@ -39,6 +39,7 @@ from typing import Protocol
 from pathlib import Path
 
 from nightlab.lab.session import resolve_device
+from nightlab.night import holdout
 from nightlab.night.notes import Board
 from nightlab.night.proposals import Proposal, ProposalError, Proposer, admit, agent_failed, context, observe
 from nightlab.night.recovery import recover
@@ -164,6 +165,7 @@ class Scheduler:
         started = time.monotonic()
         self.deadline = started + hours * 3600 if hours > 0 else float("inf")
         recovered = recover(lab)
+        self._after("scoring the holdout of keeps a stopped night left unscored", lambda: holdout.catch_up(lab))
         # The baseline's seeds are queued first, one per free worker; experiments start beside them
         # and wait for the baseline's verdict before their own (``_continue``).
         baseline = baseline_row(lab)
@@ -500,7 +502,8 @@ class Scheduler:
         """All the baseline's seeds are in: judge it (``BaselineError`` if none trained), then the
         experiments that were waiting for it."""
         lab = self.lab
-        finish_baseline(lab, lab.store.get(self.baseline_id))
+        baseline = finish_baseline(lab, lab.store.get(self.baseline_id))
+        self._after("the baseline: scoring the holdout", lambda: holdout.score(lab, baseline))
         self.baseline_id = None
         waiting, self.waiting = self.waiting, []
         for exp_id in waiting:
@@ -525,7 +528,9 @@ class Scheduler:
         self.done.append(exp)
         if exp.status == "keep":
             self._rebase_queued()
-        # The verdict is recorded: what follows (notes, notifications, the lead) may fail, never change it.
+        # The verdict is recorded: what follows (holdout, notes, notifications, the lead) may fail, never change it.
+        if exp.status == "keep":
+            self._after(f"#{exp.id}: scoring the holdout", lambda: holdout.score(lab, exp))
         if exp.status == "keep" and exp.val_bpb is not None:
             line = f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}"
             self._after(f"#{exp.id}: adding it to the findings", lambda: self.board.add_finding(line))

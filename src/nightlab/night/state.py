@@ -59,6 +59,7 @@ class Review:
 
 
 Reviewer = Callable[["Lab", Experiment, Experiment], Review]  # (lab, the winner, the best it beat)
+HoldoutScorer = Callable[[Path, Path, Config, int], float | None]  # (workdir, run_dir, config, seed) -> holdout_bpb
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Lab:
     trainer: Trainer = run_trial  # the runner seam: executors and the simulator plug in here
     git: CodeHistory = real_git  # the ``git`` module, or the simulator's in-memory ``MemoryGit``
     reviewer: Reviewer | None = None  # reads a winning diff before it becomes the best; None: no review
+    holdout: HoldoutScorer | None = None  # scores a kept trial on the sealed holdout; None: the trusted judge
     _code_lines: dict[str, int] = field(default_factory=dict)
     _noise: policy.NoiseMeter | None = None
     _measured: set[int] = field(default_factory=set)  # experiments the noise meter has counted

@@ -89,6 +89,8 @@ class Experiment:
     epochs: float | None = None  # passes over the train split the first trial made (tokens / train tokens)
     disturbed: int = 0  # trials re-run because something outside train.py slowed them (never judged)
     budget: str = ""  # what a trial trained for: "300s", or "2000000 tokens" under lab.budget_tokens
+    holdout_bpb: float | None = None  # the sealed holdout's score (baseline and keeps, after the verdict)
+    at_scale: str = ""  # holds | fails: a new best trained again at run.promote_budget_s; "" not checked
 
 
     @property
@@ -109,6 +111,30 @@ class Measurement:
     created_at: str
     tok_per_s: float | None = None  # training throughput (tokens/s)
     shape: str = ""  # the model's shape, "params:tokens per step": throughputs compare within one
+    holdout_bpb: float | None = None  # this trial's model on the sealed holdout (scored after the verdict)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A trial that checks kept work after its verdict, never read by the policy: the best with one
+    keep reverted (``ablation``), the night's chain without its idle keeps (``pruned``), the best
+    trained at a larger budget (``scale``). Written as it starts and again when it ends."""
+
+    id: int
+    run_tag: str
+    kind: str
+    best_id: int
+    keep_id: int
+    commit_sha: str
+    seed: int
+    budget_s: float
+    status: str  # running | ok | crash | timeout | invalid
+    val_bpb: float | None
+    holdout_bpb: float | None
+    pgid: int | None
+    reason: str
+    run_dir: str
+    created_at: str
 
 
 @dataclass(frozen=True)
@@ -281,6 +307,40 @@ class Store:
             f" WHERE e.run_tag = ? AND m.status = 'ok' AND m.tok_per_s > 0 AND m.kind IN ({marks})",
             (run_tag, *JUDGED_KINDS))
         return [(i, shape, speed) for i, shape, speed in rows]
+
+    def set_holdout(self, measurement_id: int, holdout_bpb: float | None) -> None:
+        """Record a trial's holdout score (after its experiment's verdict)."""
+        self.conn.execute("UPDATE measurements SET holdout_bpb = ? WHERE id = ?", (holdout_bpb, measurement_id))
+
+    # -- checks after the verdict -------------------------------------------------------------
+
+    def start_check(self, run_tag: str, kind: str, best_id: int, keep_id: int, commit: str, seed: int,
+                    budget_s: float, run_dir: Path | str) -> Check:
+        """Record that a check's trial starts (a check started before, and not finished, starts over)."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checks (run_tag, kind, best_id, keep_id, commit_sha, seed, budget_s, status, "
+            "run_dir, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            (run_tag, kind, best_id, keep_id, commit, seed, budget_s, str(run_dir), now()))
+        return self.checks(run_tag, kind, best_id, keep_id=keep_id, seed=seed, budget_s=budget_s)[0]
+
+    def update_check(self, check_id: int, **values: Any) -> None:
+        unknown = set(values) - {"status", "val_bpb", "holdout_bpb", "pgid", "reason"}
+        if unknown:
+            raise ValueError(f"unknown check field(s) {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        self.conn.execute(f"UPDATE checks SET {assignments} WHERE id = ?", (*values.values(), check_id))
+
+    def checks(self, run_tag: str, kind: str | None = None, best_id: int | None = None, *,
+               keep_id: int | None = None, seed: int | None = None, budget_s: float | None = None) -> list[Check]:
+        """The run's checks that match every given filter, oldest first."""
+        where, args = ["run_tag = ?"], [run_tag]
+        for column, value in (("kind", kind), ("best_id", best_id), ("keep_id", keep_id), ("seed", seed),
+                              ("budget_s", budget_s)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        rows = self.conn.execute(f"SELECT * FROM checks WHERE {' AND '.join(where)} ORDER BY id", args)
+        return [Check(**dict(r)) for r in rows]
 
     def values(self, exp_id: int) -> list[float]:
         """The judged val_bpb values of an experiment (ok trials only)."""

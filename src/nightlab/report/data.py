@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nightlab.config import RunConfig
 from nightlab.paths import state_dir
-from nightlab.night import git, policy
+from nightlab.night import git, holdout, policy
 from nightlab.night.store import FAILED, FINISHED, Experiment, Measurement, Run, Store
 
 if sys.version_info >= (3, 11):
@@ -140,6 +140,16 @@ class Night:
     @property
     def baseline(self) -> Row | None:
         return next((r for r in self.kept if r.exp.kind == "baseline"), None)
+
+    @property
+    def carry(self) -> holdout.Carry | None:
+        """The night's val gain against its holdout gain, with the overfitting alarm; None until both are scored."""
+        baseline, best = self.baseline, self.best
+        return holdout.carry(baseline.exp if baseline else None, best.exp if best else None)
+
+    def holdout_chain(self) -> list[Row]:
+        """The kept chain (the baseline, then each keep) with its holdout scored, in order."""
+        return [r for r in self.kept if r.exp.holdout_bpb is not None]
 
     @property
     def running(self) -> list[Row]:

@@ -21,7 +21,7 @@ RESULTS_FILE = "results.tsv"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 METRICS = ("val_bpb", "training_seconds", "total_seconds", "total_tokens", "epochs", "num_steps", "num_params",
-           "peak_memory_mb", "mfu_percent", "cost_usd", "tokens_in", "tokens_out", "noise")
+           "peak_memory_mb", "mfu_percent", "cost_usd", "tokens_in", "tokens_out", "noise", "holdout_bpb")
 PARAMS = ("kind", "worker", "agent", "seed", "files_changed", "lines_added", "lines_removed", "code_lines",
           "budget", "disturbed")
 TAG = "nightlab"  # prefix of the tags nightlab sets on MLflow runs

@@ -23,7 +23,7 @@ from typing import Any
 
 from nightlab.paths import state_dir
 from nightlab.report.data import fmt_delta, fmt_seconds, fmt_val, parse_time, pick_run
-from nightlab.night import history
+from nightlab.night import history, holdout
 from nightlab.night.store import Experiment, Store
 
 LEADERBOARD = 5
@@ -128,6 +128,8 @@ class Entry:
     delta: float | None
     description: str
     finished_at: str | None = None
+    holdout_bpb: float | None = None  # the sealed holdout's score (keeps only, after the verdict)
+    at_scale: str = ""  # holds | fails: the keep trained again at run.promote_budget_s
     training: str = ""  # how its first trial trained (tokens/s, steps, MFU, memory, startup, loss), or its error
 
 
@@ -143,6 +145,8 @@ class Snapshot:
     lanes: tuple[Lane, ...]
     leaderboard: tuple[Entry, ...]
     events: tuple[str, ...] = field(default_factory=tuple)
+    holdout: str = ""  # the night's val gain against its holdout gain (night.holdout.Carry), once both are scored
+    overfitting: bool = False  # the val gain is not at least half carried to the holdout, beyond the noise
     in_flight: tuple[Entry, ...] = ()  # experiments queued or training now, with their descriptions
     disturbed: int = 0  # trials set aside because something outside train.py slowed them (re-run)
     budget: str = ""  # what a trial trains for: "300s", or "2000000 tokens" under lab.budget_tokens
@@ -177,7 +181,7 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
         delta = (e.val_bpb - parent.val_bpb if e.val_bpb is not None and parent is not None and parent.val_bpb
                  is not None and e.kind != "baseline" else None)
         return Entry(e.id, e.status, e.val_bpb, delta, " ".join(e.description.split()), e.finished_at,
-                     training=history.training_of(store, e) if e.finished else "")
+                     e.holdout_bpb, e.at_scale, training=history.training_of(store, e) if e.finished else "")
 
     keeps = [e for e in experiments if e.status == "keep" and e.val_bpb is not None]
     baseline = next((e for e in keeps if e.kind == "baseline"), None)
@@ -185,12 +189,14 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
                       key=lambda e: e.val_bpb)  # type: ignore[arg-type, return-value]
     finished = sorted((e for e in experiments if e.finished), key=lambda e: e.finished_at or "")
     noise = next((e.noise for e in reversed(finished) if e.noise is not None), None)
+    carried = holdout.carry(baseline, keeps[-1] if keeps else None)
     return Snapshot(
         run_tag=run.tag, branch=run.branch, taken_at=now.isoformat(timespec="seconds"), counts=counts,
         best=entry(keeps[-1]) if keeps else None, baseline_val=baseline.val_bpb if baseline else None, noise=noise,
         lanes=tuple(_lanes(store, lab_dir, experiments, now, budget_s)),
         leaderboard=tuple(entry(e) for e in measured[:LEADERBOARD]),
         events=tuple(_event(entry(e)) for e in finished[-EVENTS:]),
+        holdout=carried.text() if carried else "", overfitting=bool(carried and carried.alarm),
         in_flight=tuple(entry(e) for e in experiments if e.status in ("queued", "running")),
         disturbed=sum(e.disturbed for e in experiments),
         budget=next((e.budget for e in reversed(experiments) if e.budget), ""),
@@ -259,12 +265,15 @@ def _headline(snap: Snapshot) -> str:
     best = f"best {fmt_val(snap.best.val_bpb)} (#{snap.best.id})" if snap.best else "no best yet"
     if snap.best and snap.baseline_val is not None and snap.best.val_bpb is not None:
         best += f", {fmt_delta(snap.best.val_bpb - snap.baseline_val)} vs baseline"
+    if snap.best and snap.best.holdout_bpb is not None:
+        best += f", holdout {fmt_val(snap.best.holdout_bpb)}"
     noise = f" | noise {fmt_val(snap.noise)}" if snap.noise is not None else ""
     if snap.disturbed:
         noise += f" | {snap.disturbed} disturbed trial(s) re-run"
     if snap.budget:
         noise = f" | budget {snap.budget}{noise}"
-    return f"run {snap.run_tag} ({snap.branch}) | {best} | {done} done ({tally or 'none'}){noise}"
+    alarm = " | OVERFITTING ALARM: the val gain did not carry to the holdout" if snap.overfitting else ""
+    return f"run {snap.run_tag} ({snap.branch}) | {best} | {done} done ({tally or 'none'}){noise}{alarm}"
 
 
 def _lane_text(lane: Lane) -> str:

@@ -46,11 +46,13 @@ def write_report(lab_dir: Path | str, out_dir: Path | str | None = None, run_tag
 
 
 def write_night(night: Night, out: Path, results_tsv: Path) -> ReportFiles:
-    charts = {"progress": plots.progress_png(night), "timeline": plots.timeline_png(night)}
+    charts = {"progress": plots.progress_png(night), "timeline": plots.timeline_png(night),
+              "holdout": plots.holdout_png(night)}
     files = ReportFiles(html=out / "report.html", markdown=out / "report.md", progress_png=out / "progress.png",
                         timeline_png=out / "timeline.png", results_tsv=results_tsv)
     _write(files.progress_png, charts["progress"])
     _write(files.timeline_png, charts["timeline"])
+    _write(out / "holdout.png", charts["holdout"])  # val and holdout along the kept chain
     _write(files.html, render_html(night, charts).encode("utf-8"))
     _write(files.markdown, render_markdown(night, files.html.name).encode("utf-8"))
     return files

@@ -70,6 +70,14 @@ class Surface:
     baseline_text: str = ""  # the baseline source with constant values masked (no effect when equal)
 
     @classmethod
+    def flat(cls, source: str, **kw: Any) -> "Surface":
+        """A surface on which no change does anything: every constant and every edit leaves the true
+        val_bpb at ``floor``, so whatever a night keeps, it kept by luck (seed noise)."""
+        tunable = [c for c in find_constants(source) if dimension_for(c) is not None and c.value > 0]
+        return cls({c.key: float(c.value) for c in tunable}, {c.key: 0.0 for c in tunable}, edit_effect=0.0,
+                   crash_rate=0.0, baseline_text=_masked(source), **kw)
+
+    @classmethod
     def around(cls, source: str, seed: int = 0, sensitive: int = 8, **kw: Any) -> "Surface":
         """A surface for ``source``: ``sensitive`` constants matter (optima up to ~2x away), the rest barely."""
         rng = random.Random(seed)
@@ -121,6 +129,11 @@ class Surface:
             return "crash", None, f"exit code 1: torch.OutOfMemoryError: CUDA out of memory ({key} far off)"
         return "ok", expected + rng.gauss(0.0, self.noise), ""
 
+    def holdout(self, source: str, seed: int) -> float:
+        """The holdout score of a trained ``source``: its true value plus noise independent of val's."""
+        rng = random.Random(hashlib.sha256(f"holdout\0{seed}\0{source}".encode()).digest())
+        return self.expected(source) + rng.gauss(0.0, self.noise)
+
 
 def _masked(source: str) -> str:
     """``source`` with every numeric constant's value blanked: what is left is the code's shape."""
@@ -167,6 +180,14 @@ class SimulatedTrainer:
             on_progress(f"simulated: {status} {val_bpb if val_bpb is not None else ''}")
         return TrialResult(status, val_bpb, reason, summary=summary, train_s=config.lab.budget_s,
                            total_s=config.lab.budget_s, error=reason, device="simulated")
+
+
+    def holdout(self, workdir: Path, run_dir: Path, config: Config, seed: int) -> float | None:
+        """``Lab.holdout``: the surface's holdout score of the train.py in ``workdir``."""
+        try:
+            return self.surface.holdout((Path(workdir) / TARGET).read_text(), seed)
+        except OSError:
+            return None
 
 
 def _params(source: str) -> int:
@@ -469,19 +490,21 @@ class SimResult:
 
 def run(label: str, lab_dir: Path, *, org_dir: Path | None = None, overrides: Sequence[str] = (),
         experiments: int = 200, workers: int = 1, seed: int = 0, surface_seed: int = 0, sensitive: int = 8,
-        seconds: float = 0.0, say: Callable[[str], None] = lambda line: None) -> SimResult:
+        seconds: float = 0.0, flat: bool = False, say: Callable[[str], None] = lambda line: None) -> SimResult:
     """Simulate a night of ``experiments`` in a fresh lab at ``lab_dir`` with the org in ``org_dir``
     (None: program.md alone) on ``workers`` simulated GPUs, with the real store, policy, scheduler
-    and org. LLM backends are played by ``SimulatedResearcher`` and the rules reviewer/stats lead."""
+    and org. LLM backends are played by ``SimulatedResearcher`` and the rules reviewer/stats lead.
+    ``flat``: a surface on which every change is pure noise (``Surface.flat``)."""
     make_lab(lab_dir, org_dir)
     config = load(lab_dir, [*overrides, f"lab.seed={seed}"])
     org = org_mod.load(lab_dir, config)
-    surface = Surface.around((lab_dir / TARGET).read_text(), seed=surface_seed, sensitive=sensitive)
+    source = (lab_dir / TARGET).read_text()
+    surface = Surface.flat(source) if flat else Surface.around(source, seed=surface_seed, sensitive=sensitive)
     trainer = SimulatedTrainer(surface, seconds)
     vcs = MemoryGit(lab_dir)
     store = Store.open(lab_dir)
     run_ = start_run(lab_dir, store, config, org.describe(), label, False, vcs=vcs)
-    lab = Lab(lab_dir, config, lab_dir, store, run_, say=say, trainer=trainer, git=vcs)
+    lab = Lab(lab_dir, config, lab_dir, store, run_, say=say, trainer=trainer, git=vcs, holdout=trainer.holdout)
     if org.reviewer is not None:
         lab.reviewer = reviewer_mod.RulesReviewer(org.reviewer.name)
     program = (lab_dir / "program.md").read_text()
