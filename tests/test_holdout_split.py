@@ -120,3 +120,18 @@ def test_pycode_prepared_before_is_left_as_it_was_and_prepare_says_why(
     said = capsys.readouterr().out
     assert directory.name == f"pycode-r2-v{VOCAB}" and (old / "manifest.json").read_text() == "{}"
     assert f"pycode-v{VOCAB} has no holdout split" in said and "train changes, val stays the same" in said
+
+
+def test_training_is_never_handed_the_holdout(tmp_path: Path) -> None:
+    from nightlab.trial import sandbox
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    texts = [f"night lab token {i} " * 5 for i in range(200)]
+    (folder / "all.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    directory = datasets.prepare(f"local:{folder}", VOCAB, home=tmp_path / "home", progress=False)
+    sealed = {(directory / f"holdout.{kind}.npy").read_bytes() for kind in ("tokens", "docs")}
+    view = sandbox.train_view(directory, tmp_path / "run")
+    names = sorted(p.name for p in view.iterdir())
+    assert names and not [n for n in names if n.startswith(("holdout", "val", "text"))]
+    assert all(p.read_bytes() not in sealed for p in view.iterdir() if p.is_file())
