@@ -325,7 +325,7 @@ def _store_rows(store_path: Path, exp_id: int, only: set[int] | None = None) -> 
     try:
         if only is None:
             found = conn.execute("SELECT id, status, val_bpb, commit_sha, parent_commit FROM experiments WHERE status "
-                                 "IN ('keep', 'discard', 'crash', 'timeout', 'invalid')").fetchall()
+                                 "NOT IN ('queued', 'running')").fetchall()  # every finished status
         else:
             marks = ", ".join("?" * len(only))
             found = conn.execute(f"SELECT id, status, val_bpb, commit_sha, parent_commit FROM experiments WHERE id "
