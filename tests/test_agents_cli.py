@@ -123,9 +123,11 @@ def test_presets_render_headless_commands(tmp_path: Path) -> None:
     assert claude[:2] == ["claude", "-p"] and "--dangerously-skip-permissions" not in claude
     assert claude[claude.index("--permission-mode") + 1] == "acceptEdits"
     assert claude[claude.index("--allowedTools") + 1] == "Edit Write Read"
+    assert claude[claude.index("--output-format") + 1] == "json"  # its cost and tokens
     assert wants_stdin(PRESETS["claude"]) and wants_stdin(PRESETS["gemini"]) and wants_stdin(PRESETS["codex"])
     codex = argv("codex")
     assert codex[:2] == ["codex", "exec"] and codex[codex.index("-C") + 1] == str(tmp_path / "w")
+    assert "--json" in codex  # its events, with tokens
     aider = argv("aider")
     assert aider[aider.index("--message-file") + 1] == str(tmp_path / "p.md")
     assert aider[-2:] == ["train.py", "model.py"] and "--no-auto-commits" in aider

@@ -65,3 +65,23 @@ def test_the_report_gives_the_cost_per_kept_gain(tmp_path):
     assert spent.gain == night.baseline.exp.val_bpb - kept.exp.val_bpb > 0
     assert spent.usd_per_milli_bpb == 0.5 / (spent.gain * 1000)
     assert f"${spent.usd_per_milli_bpb:.2f} per 0.001 val_bpb gained" in markdown.render_markdown(night)
+
+
+def test_an_api_model_without_a_price_or_a_usage_is_unknown_cost(tmp_path):
+    from fixtures.agents.llm_server import ScriptedServer, chat
+    from nightlab.agents.api import ApiProposer
+    from nightlab.config import ApiAgentConfig
+    from nightlab.night.proposals import Context
+
+    reply = ("DESCRIPTION: double the learning rate\nRATIONALE: faster\n\n```\n<<<<<<< SEARCH train.py\n"
+             "LR = 0.01\n=======\nLR = 0.02\n>>>>>>> REPLACE\n```\n")
+    no_usage = chat(reply)
+    del no_usage.body["usage"]
+    ctx = Context(program="", best_source={"train.py": "LR = 0.01\n"}, history="")
+    for model, scripted, expected in (("my-local-model", chat(reply, 1000, 200), (None, 1000, 200)),
+                                      ("gpt-4o-mini", no_usage, (None, None, None))):
+        (tmp_path / "train.py").write_text("LR = 0.01\n")
+        with ScriptedServer([scripted]) as server:
+            config = ApiAgentConfig(base_url=server.url + "/v1", model=model, api_key_env="KEY", timeout_s=5.0)
+            proposal = ApiProposer(config, environ={"KEY": "k"}, base_delay=0.01).propose(ctx, tmp_path)
+        assert (proposal.cost_usd, proposal.tokens_in, proposal.tokens_out) == expected, model

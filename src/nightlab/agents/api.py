@@ -43,8 +43,8 @@ NO_KEY = "no-key"  # sent to local servers that need none (the SDK insists on so
 @dataclass(frozen=True)
 class Completion:
     text: str
-    tokens_in: int
-    tokens_out: int
+    tokens_in: int | None  # None: the response said no usage
+    tokens_out: int | None
     finish: str  # why generation stopped, as the provider says it (stop, length, end_turn, max_tokens)
 
 
@@ -78,7 +78,7 @@ class ApiProposer:
     def propose(self, context: Context, worktree: Path) -> Proposal:
         prompt = build_prompt(context, REPLY_FORMAT)
         completion = self._complete(prompt)
-        cost = pricing.cost_usd(self.config.model, completion.tokens_in, completion.tokens_out)
+        cost = _cost(self.config.model, completion.tokens_in, completion.tokens_out)
         spent = {"cost_usd": cost, "tokens_in": completion.tokens_in, "tokens_out": completion.tokens_out}
         try:
             reply = parse_reply(completion.text)
@@ -200,7 +200,7 @@ class ApiProposer:
             ) from None
         usage = getattr(response, "usage", None)
         return self._completion(
-            text, getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0), finish
+            text, getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None), finish
         )
 
     def _anthropic(self, prompt: Prompt) -> Completion:
@@ -216,12 +216,13 @@ class ApiProposer:
         text = "".join(getattr(b, "text", "") for b in blocks if getattr(b, "type", "") == "text")
         usage = getattr(response, "usage", None)
         finish = getattr(response, "stop_reason", "") or ""
-        return self._completion(text, getattr(usage, "input_tokens", 0), getattr(usage, "output_tokens", 0), finish)
+        return self._completion(text, getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None),
+                                finish)
 
     def _completion(self, text: Any, tokens_in: Any, tokens_out: Any, finish: str) -> Completion:
-        tokens_in, tokens_out = int(tokens_in or 0), int(tokens_out or 0)
+        tokens_in, tokens_out = _tokens(tokens_in), _tokens(tokens_out)
         if not isinstance(text, str) or not text.strip():
-            cost = pricing.cost_usd(self.config.model, tokens_in, tokens_out)
+            cost = _cost(self.config.model, tokens_in, tokens_out)
             raise ProposalError(
                 f"{self._where()}: empty reply (finish: {finish or 'unknown'})",
                 cost_usd=cost,
@@ -229,6 +230,15 @@ class ApiProposer:
                 tokens_out=tokens_out,
             )
         return Completion(text, tokens_in, tokens_out, finish)
+
+
+def _tokens(count: Any) -> int | None:
+    """A usage count as an int; None where the response gave none (unknown, never 0)."""
+    return int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else None
+
+
+def _cost(model: str, tokens_in: int | None, tokens_out: int | None) -> float | None:
+    return None if tokens_in is None or tokens_out is None else pricing.cost_usd(model, tokens_in, tokens_out)
 
 
 def _import_sdk(provider: str) -> Any:
