@@ -14,6 +14,7 @@ from nightlab import config as cfg
 from nightlab.paths import state_dir
 from nightlab.cli.common import UserError, default_of, lab_default
 from nightlab.lab import datasets
+from nightlab.night.outcome import outcome
 from nightlab.night.store import Store
 from nightlab.trial import pycache
 from nightlab.trial.runner import run_trial
@@ -252,10 +253,15 @@ DEMO_SETTINGS = (
     'lab.dataset="pycode:stdlib"',
     'lab.device="cpu"',
     "lab.eval_seq_len=512",
+    "lab.eval_max_tokens=32768",  # half the validation split: a quicker judge, the same for every trial
+    "lab.startup_allowance_s=600",  # the hard cap: a busy machine takes longer over the same tokens
     "run.baseline_runs=2",
     "run.confirm_runs=1",  # a short demo: one confirmation seed for a close call
     'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY"]',
 )
+# The demo trains each experiment on a fixed number of tokens, about --budget seconds of training on
+# two idle cores, so that whatever else the machine runs cannot move its verdicts (lab.budget_tokens).
+DEMO_TOKENS_PER_S = 1600
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -265,7 +271,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--experiments {args.experiments}: run at least 1 experiment")
     lab_dir: Path = args.dir
     if not (lab_dir / cfg.CONFIG_FILE).exists():
-        settings = [f"lab.budget_s={args.budget}", *DEMO_SETTINGS]
+        settings = [f"lab.budget_s={args.budget}", f"lab.budget_tokens={int(args.budget * DEMO_TOKENS_PER_S)}",
+                    *DEMO_SETTINGS]
         if main(["init", str(lab_dir), *(a for s in settings for a in ("--set", s))]):
             return 1
     if main(["prepare", "--lab", str(lab_dir)]):
@@ -274,7 +281,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     status = main(["run", "--lab", str(lab_dir), "--max-experiments", str((before or 0) + args.experiments),
                    "--tag", DEMO_TAG, *(["--resume"] if before is not None else [])])
     state = state_dir(lab_dir)
-    print(f"\nresults: {state / 'results.tsv'} | store: {state / 'store.db'} | runs: {state / 'runs'}")
+    with Store.open(lab_dir) as store:
+        print(f"\n{outcome(store, DEMO_TAG).text()}")
+    print(f"results: {state / 'results.tsv'} | store: {state / 'store.db'} | runs: {state / 'runs'}")
     print(f"report:  cd {lab_dir} && nightlab report --open")
     return status
 

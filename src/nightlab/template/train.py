@@ -59,7 +59,7 @@ CPU_DEPTH = 2  # layers
 CPU_ASPECT_RATIO = 64  # width = CPU_DEPTH * CPU_ASPECT_RATIO
 CPU_HEAD_DIM = 32  # head width
 CPU_SEQ_LEN = 256  # tokens per row
-CPU_TOTAL_BATCH_SIZE = 2**13  # tokens per optimizer step
+CPU_TOTAL_BATCH_SIZE = 2**12  # tokens per optimizer step (one micro-batch: twice the steps of 2**13, lower val_bpb)
 CPU_DEVICE_BATCH_SIZE = 16  # rows per forward pass
 
 if lab.preset == "cpu":
