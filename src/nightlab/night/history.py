@@ -11,6 +11,7 @@ are the newest that fit. What does not fit is counted by status in one line.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -113,6 +114,7 @@ def training(e: Experiment, run_dir: Path | None) -> str:
     return ", ".join(facts)
 
 
+@functools.lru_cache(maxsize=4096)  # a finished row's trial does not change; its history line is read often
 def training_of(store: Store, e: Experiment) -> str:
     """``training`` of ``e``'s first trial, found through its measurements."""
     runs = store.measurements(e.id, kinds=("first", "baseline", "confirm"))

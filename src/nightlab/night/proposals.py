@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,10 +125,14 @@ def diff(lab: Lab, exp: Experiment) -> str:
     """``exp``'s change to the allowed files against its parent, as a unified diff (one line of context)."""
     if not exp.commit_sha or not exp.parent_commit:
         return ""
-    out = []
-    for name in lab.config.lab.allowed_files:
-        old = lab.git.read_file(lab.dir, exp.parent_commit, name) or ""
-        new = lab.git.read_file(lab.dir, exp.commit_sha, name) or ""
+    return _diff(lab.git, lab.dir, exp.parent_commit, exp.commit_sha, lab.config.lab.allowed_files)
+
+
+@functools.lru_cache(maxsize=1024)  # commits never change: a kept diff is computed once a night
+def _diff(git: Any, repo: Path, parent: str, commit: str, files: tuple[str, ...]) -> str:
+    out: list[str] = []
+    for name in files:
+        old, new = git.read_file(repo, parent, name) or "", git.read_file(repo, commit, name) or ""
         out += difflib.unified_diff(old.splitlines(), new.splitlines(), f"a/{name}", f"b/{name}", n=1, lineterm="")
     return "\n".join(out)
 
@@ -220,36 +223,41 @@ def repeat_of(lab: Lab, work: Path, parent: str, files: tuple[str, ...]) -> Expe
     mine = _signature(_normalize(base), _normalize(content))
     if not mine[1]:
         return None  # only comments or spacing changed: the code is its parent's
-    for exp in lab.store.select(lab.run.tag):
-        if not exp.commit_sha or exp.status in ("repeat", "agent_failed"):
-            continue
-        theirs = _commit_signature(lab.git, lab.dir, exp.parent_commit or exp.commit_sha, exp.commit_sha, files)
+    for exp_id, their_parent, commit in lab.store.commits(lab.run.tag):
+        theirs = _commit_signature(lab.git, lab.dir, their_parent or commit, commit, files)
         if theirs[0] == mine[0] or theirs[1] == mine[1]:
-            return exp
+            return lab.store.get(exp_id)
     return None
 
 
-# A trailing comment without quotes after its '#': edits that differ only in what a comment says
-# are the same experiment. (A regex, not tokenize: a changed line alone need not tokenize.)
-_COMMENT = re.compile(r"\s*#[^'\"]*$")
-
-
 def _normalize(files: dict[str, str | None]) -> dict[str, tuple[str, ...] | None]:
-    """Each file as its code lines: comments and trailing spaces cut, inner runs of spaces made one,
-    blank lines dropped; indentation kept (it is Python's syntax)."""
-    out: dict[str, tuple[str, ...] | None] = {}
-    for name, text in files.items():
-        if text is None:
-            out[name] = None
-            continue
-        lines = []
-        for raw in text.splitlines():
-            code = _COMMENT.sub("", raw).rstrip()
+    return {name: None if text is None else _code_lines(text) for name, text in files.items()}
+
+
+@functools.lru_cache(maxsize=1024)  # the parent's text comes back with every proposal on it
+def _code_lines(text: str) -> tuple[str, ...]:
+    """A file as its code lines: comments and trailing spaces cut, inner runs of spaces made one,
+    blank lines dropped; indentation kept (it is Python's syntax). Edits that differ only in what a
+    comment says are the same experiment."""
+    lines = []
+    for raw in text.splitlines():
+        code = _uncomment(raw).rstrip()
+        if code.strip():
             indent = len(code) - len(code.lstrip())
-            if code.strip():
-                lines.append(code[:indent] + " ".join(code.split()))
-        out[name] = tuple(lines)
-    return out
+            lines.append(code[:indent] + " ".join(code.split()))
+    return tuple(lines)
+
+
+def _uncomment(line: str) -> str:
+    """``line`` without its trailing comment: from the first '#' with no quote after it. (Not
+    tokenize: a changed line alone need not tokenize; a '#' inside a string has a quote after it.)"""
+    at = line.find("#")
+    while at >= 0:
+        rest = line[at:]
+        if "'" not in rest and '"' not in rest:
+            return line[:at]
+        at = line.find("#", at + 1)
+    return line
 
 
 def _signature(before: dict[str, tuple[str, ...] | None], after: dict[str, tuple[str, ...] | None]) -> tuple[str, str]:

@@ -248,6 +248,13 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [Experiment(**dict(r)) for r in self.conn.execute(sql, args)]
 
+    def commits(self, run_tag: str) -> list[tuple[int, str | None, str]]:
+        """(id, parent commit, commit) of every experiment of a run that has a commit, oldest first:
+        what the repeat check compares a proposal with, without reading whole rows."""
+        rows = self.conn.execute("SELECT id, parent_commit, commit_sha FROM experiments WHERE run_tag = ? AND "
+                                 "commit_sha IS NOT NULL ORDER BY id", (run_tag,))
+        return [(i, parent, commit) for i, parent, commit in rows]
+
     def status_counts(self, run_tag: str, kind: str | None = None) -> dict[str, int]:
         sql = "SELECT status, COUNT(*) FROM experiments WHERE run_tag = ?" + (" AND kind = ?" if kind else "")
         rows = self.conn.execute(sql + " GROUP BY status", (run_tag, kind) if kind else (run_tag,))
