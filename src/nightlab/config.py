@@ -71,6 +71,7 @@ class RunConfig:
     tag: str = ""  # run branch nightlab/<tag>; empty = today's date
     max_repeats: int = 3  # proposals refused as repeats in a row before an agent is told to change direction
     max_cost_usd: float = 0.0  # 0 = no limit; else no new proposal once the agents' known cost reaches it (USD)
+    promote_budget_s: float = 0.0  # 0 = off; else each new best is also trained at this budget and scored
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,8 @@ def validate(config: Config, source: str = "config") -> None:
     need(run.confirm_runs >= 0, "run.confirm_runs", run.confirm_runs, "0 or more")
     need(run.max_experiments >= 0, "run.max_experiments", run.max_experiments, "0 (no limit) or more")
     need(run.max_repeats >= 1, "run.max_repeats", run.max_repeats, "at least 1")
+    need(math.isfinite(run.promote_budget_s) and run.promote_budget_s >= 0, "run.promote_budget_s",
+         run.promote_budget_s, "0 (off) or a budget in seconds")
     need(math.isfinite(run.max_cost_usd) and run.max_cost_usd >= 0, "run.max_cost_usd", run.max_cost_usd,
          "0 (no limit) or more US dollars")
     need(config.search.mode in SEARCH_MODES, "search.mode", config.search.mode, f"one of {', '.join(SEARCH_MODES)}")

@@ -10,7 +10,8 @@ scores what a killed night left unscored.
 
 The judge reads ``val.tokens.npy``, ``val.docs.npy``, ``token_bytes.npy`` and ``manifest.json``
 from the folder it is given; it is given a small folder of links in which the holdout's files
-stand in as ``val.*`` (``view``).
+stand in as ``val.*`` (``view``). The model process never sees that folder: the scorer holds the
+tokens and hands it windows, as for val.
 
 ``alarm`` compares the night's gain on val with the gain on the holdout: a gain that is not at least
 half carried to the holdout, beyond the noise, is the mark of a night that fitted its val split.
@@ -19,12 +20,14 @@ half carried to the holdout, beyond the noise, is the mark of a night that fitte
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from nightlab.paths import state_dir
 from nightlab.trial import sandbox
 from nightlab.trial.processes import launch, stop_group, train_env
 from nightlab.trial.runner import runs_processes
+from nightlab.trial.standby import files_in
 
 VIEW_DIR = "holdout"  # in .nightlab/: the folder through which the judge reads the holdout
 WORKTREE = "holdout"  # the worktree a kept commit's train.py is imported from
@@ -76,40 +80,52 @@ def scorer(lab: Lab) -> HoldoutScorer | None:
 
 def judge(workdir: Path, run_dir: Path, config: Config, seed: int, *, holdout_dir: Path, data_dir: Path
           ) -> float | None:
-    """The trusted judge's score of the model in ``run_dir`` (its ``train.py`` in ``workdir``) on the
-    holdout (``holdout_dir``: ``view``'s folder); None when the judge gives no score.
+    """The trusted judge's score of the model in ``run_dir`` (its code: the allowed files in
+    ``workdir``) on the holdout (``holdout_dir``: ``view``'s folder); None when the judge gives no score.
 
-    The evaluator is started as the runner starts it for val (``nightlab.trial.runner.run_trial``):
-    the same command line and environment, a token on stdin that its eval.json must carry, a hard
-    cap of ``lab.eval_timeout_s``, its process group stopped at the end.
+    The judge is started as the runner starts it for val (``nightlab.trial.runner.run_trial``): the
+    same command line (isolated, from a copy of the allowed files outside the worktree, the weights
+    pinned by their hash), a token on stdin that its eval.json must carry, a hard cap of
+    ``lab.eval_timeout_s``, its process group stopped at the end.
     """
-    workdir, run_dir = Path(workdir).resolve(), Path(run_dir).resolve()
+    run_dir = Path(run_dir).resolve()
     out_dir = run_dir / SCORE_DIR
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     device = resolve_device(config.lab.device)
     preset = resolve_preset(config.lab.preset, device)
-    train_data = sandbox.train_view(data_dir, out_dir)  # build_model() sees what training saw
-    env = train_env(config, out_dir, train_data, seed, device, preset)
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
+        return None
+    source = files_in(Path(workdir), config.lab.allowed_files)
+    judged = Path(tempfile.mkdtemp(prefix="nightlab-holdout-"))  # outside the worktree and the lab
+    for name, data in source.items():
+        (judged / name).parent.mkdir(parents=True, exist_ok=True)
+        (judged / name).write_bytes(data)
     eval_out = out_dir / "eval.json"
     command = [
-        sys.executable, "-m", "nightlab.lab.evaluate", "--train-py", str(workdir / "train.py"),
-        "--weights", str(run_dir / "model.pt"), "--data", str(holdout_dir), "--out", str(eval_out),
-        "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len), "--token-stdin",
+        sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(judged / "train.py"),
+        "--files", *[n for n in source if n != "train.py"], "--weights", str(weights),
+        "--weights-sha256", hashlib.sha256(weights.read_bytes()).hexdigest(), "--data", str(holdout_dir),
+        "--out", str(eval_out), "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len),
+        "--sandbox", sandbox.resolve(config.lab.sandbox), "--token-stdin",
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
-    if config.lab.sandbox == "bwrap":
-        command = sandbox.bwrap(command, cwd=workdir, writable=[out_dir], readable=[workdir, run_dir, holdout_dir])
+    env = {k: v for k, v in train_env(config, out_dir, Path(data_dir), seed, device, preset).items()
+           if k not in ("NIGHTLAB_DATA", "NIGHTLAB_OUT")}  # the scorer is told its paths on its command line
     token = secrets.token_hex(16)
-    proc = launch(command, workdir, env, out_dir / "eval.log", f"{token}\n".encode())
     try:
-        proc.wait(timeout=config.lab.eval_timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
+        proc = launch(command, judged, env, out_dir / "eval.log", f"{token}\n".encode())
+        try:
+            proc.wait(timeout=config.lab.eval_timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            stop_group(proc.pid)
+            proc.wait()
     finally:
-        stop_group(proc.pid)
-        proc.wait()
+        shutil.rmtree(judged, ignore_errors=True)
     try:
         report = json.loads(eval_out.read_text())
     except (OSError, ValueError):

@@ -39,12 +39,12 @@ from typing import Protocol
 from pathlib import Path
 
 from nightlab.lab.session import resolve_device
-from nightlab.night import holdout
+from nightlab.night import checks, holdout
 from nightlab.night.notes import Board
 from nightlab.night.proposals import Proposal, ProposalError, Proposer, admit, agent_failed, context, observe
 from nightlab.night.recovery import recover
 from nightlab.night.state import Lab, Trainer
-from nightlab.night.store import Experiment, Store, now
+from nightlab.night.store import Check, Experiment, Store, now
 from nightlab.night.trials import (
     BaselineError, Trial, baseline_row, baseline_trials, finish_baseline, next_trial, record_trial, start_trial,
 )
@@ -110,7 +110,16 @@ class Trained:
     future: Future
 
 
-Event = Proposed | Trained
+@dataclass(frozen=True)
+class Promoted:
+    """A worker trained a new best at ``run.promote_budget_s`` (``checks.begin_promotion``)."""
+
+    worker: Worker
+    started: checks.Started
+    future: Future
+
+
+Event = Proposed | Trained | Promoted
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Scheduler:
         self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
         self.begun: set[int] = set()  # experiments with a trial started in this run
         self.deadline = float("inf")  # no new experiment starts after it (``run(hours=...)``)
+        self.promoting: deque[int] = deque()  # new bests to train at run.promote_budget_s (checks.promotions)
         self.over_budget = False  # the agents' cost reached run.max_cost_usd
 
     # -- the loop ------------------------------------------------------------------------------
@@ -166,6 +176,7 @@ class Scheduler:
         self.deadline = started + hours * 3600 if hours > 0 else float("inf")
         recovered = recover(lab)
         self._after("scoring the holdout of keeps a stopped night left unscored", lambda: holdout.catch_up(lab))
+        self.promoting.extend(e.id for e in checks.promotions(lab))
         # The baseline's seeds are queued first, one per free worker; experiments start beside them
         # and wait for the baseline's verdict before their own (``_continue``).
         baseline = baseline_row(lab)
@@ -193,6 +204,8 @@ class Scheduler:
         try:
             while True:
                 if not stop.is_set():
+                    while len(self.workers) > 1 and self.idle and self.promoting:  # beside the night
+                        self._promote(self.idle.pop(0), self.promoting.popleft())
                     while self.idle and (item := self._next_for(self.idle[0])) is not None:
                         worker = self.idle.pop(0)
                         exp_id, trial = item
@@ -241,6 +254,8 @@ class Scheduler:
             for researcher in self.researchers:  # a proposal still out is dropped: its agent stops too
                 close_agent(researcher.proposer)
         pool.shutdown(wait=True)
+        while self.promoting and not stop.is_set():  # one worker: the new bests at scale once the night is done
+            self._after("training a best at scale", lambda: self._promote_here(self.promoting.popleft()))
         self.tally.wall_s = time.monotonic() - started
         self.tally.orchestrator_s = self.tally.wall_s - waited
         for researcher in self.researchers:
@@ -295,7 +310,9 @@ class Scheduler:
         """Record an unexpected error of one event: its experiment crashes (unless its verdict was
         already recorded: that stands), its worker is free again."""
         reason = f"nightlab error: {type(error).__name__}: {error}"
-        self.lab.say(f"{'trial' if isinstance(event, Trained) else 'proposal'} failed: {reason}")
+        self.lab.say(f"{'proposal' if isinstance(event, Proposed) else 'trial'} failed: {reason}")
+        if isinstance(event, Promoted) and event.worker not in self.idle:
+            self.idle.append(event.worker)
         if isinstance(event, Trained):
             worker, exp_id = event.worker, event.exp_id
             self.guards.pop((exp_id, event.trial.seed), None)
@@ -315,8 +332,45 @@ class Scheduler:
     def _handle(self, event: Event) -> None:
         if isinstance(event, Proposed):
             self._proposed(event)
+        elif isinstance(event, Promoted):
+            self._promoted(event)
         else:
             self._trained(event)
+
+    # -- new bests at a larger budget (run.promote_budget_s) -------------------------------------
+
+    def _promote(self, worker: Worker, best_id: int) -> None:
+        """Train the best ``best_id`` at the larger budget on ``worker``, beside the night's trials."""
+        lab = self.lab
+        started = checks.begin_promotion(lab, lab.store.get(best_id), worktree=f"scale-{worker.name}")
+        if isinstance(started, Check):  # measured before a kill
+            self.idle.append(worker)
+            checks.judge_scale(lab)
+            return
+        future = self.pool.submit(
+            worker.trainer, started.work, started.folder, started.config, started.check.seed, data_dir=lab.data_dir,
+            on_stage=lambda stage, pgid: self._record_check_stage(started.check.id, pgid))
+        future.add_done_callback(lambda f: self.events.put(Promoted(worker, started, f)))
+
+    def _promoted(self, event: Promoted) -> None:
+        self.idle.append(event.worker)
+        try:
+            result = event.future.result()
+        except Exception as e:  # noqa: BLE001 -- an executor failure is this trial's crash
+            result = TrialResult("crash", reason=f"worker {event.worker.name} failed: {type(e).__name__}: {e}")
+        checks.end(self.lab, event.started, result)
+        checks.judge_scale(self.lab)
+
+    def _promote_here(self, best_id: int) -> None:
+        best = self.lab.store.get(best_id)
+        checks.run(self.lab, checks.SCALE, best.id, 0, best.commit_sha or "", self.lab.config.lab.seed,
+                   budget_s=self.lab.config.run.promote_budget_s, label=f"#{best.id} at scale")
+        checks.judge_scale(self.lab)
+
+    def _record_check_stage(self, check_id: int, pgid: int) -> None:
+        """On the worker's thread: a check's process group, recorded at once (as ``_record_stage``)."""
+        with Store(self.lab.store.path) as store:
+            store.update_check(check_id, pgid=pgid)
 
     def _record_stage(self, exp_id: int, stage: str, pgid: int) -> None:
         """On the worker's thread, as a trial's process starts: its process group goes into the store
@@ -504,6 +558,8 @@ class Scheduler:
         lab = self.lab
         baseline = finish_baseline(lab, lab.store.get(self.baseline_id))
         self._after("the baseline: scoring the holdout", lambda: holdout.score(lab, baseline))
+        if lab.config.run.promote_budget_s > 0:
+            self.promoting.append(baseline.id)
         self.baseline_id = None
         waiting, self.waiting = self.waiting, []
         for exp_id in waiting:
@@ -531,6 +587,8 @@ class Scheduler:
         # The verdict is recorded: what follows (holdout, notes, notifications, the lead) may fail, never change it.
         if exp.status == "keep":
             self._after(f"#{exp.id}: scoring the holdout", lambda: holdout.score(lab, exp))
+            if lab.config.run.promote_budget_s > 0:
+                self.promoting.append(exp.id)
         if exp.status == "keep" and exp.val_bpb is not None:
             line = f"#{exp.id} ({exp.agent}) {exp.description}: val_bpb {exp.val_bpb:.6f}"
             self._after(f"#{exp.id}: adding it to the findings", lambda: self.board.add_finding(line))

@@ -267,6 +267,8 @@ def _headline(snap: Snapshot) -> str:
         best += f", {fmt_delta(snap.best.val_bpb - snap.baseline_val)} vs baseline"
     if snap.best and snap.best.holdout_bpb is not None:
         best += f", holdout {fmt_val(snap.best.holdout_bpb)}"
+    if snap.best and snap.best.at_scale:
+        best += ", holds at scale" if snap.best.at_scale == "holds" else ", does not hold at scale"
     noise = f" | noise {fmt_val(snap.noise)}" if snap.noise is not None else ""
     if snap.disturbed:
         noise += f" | {snap.disturbed} disturbed trial(s) re-run"
