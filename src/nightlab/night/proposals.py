@@ -98,7 +98,8 @@ def context(lab: Lab, program: str | None = None, agent: str | None = None, clai
             last_error += (f"\nYour last {repeats} proposals all repeated experiments already measured or in "
                            "flight. Stop varying this idea: read the history and try a different direction.")
     elif last is not None and last.status in FAILED:
-        last_error = f"experiment #{last.id} ({last.description}) was {last.status}: {last.reason}"
+        what = "an agent failure" if last.status == "agent_failed" else last.status
+        last_error = f"experiment #{last.id} ({last.description}) was {what}: {last.reason}"
         if last.error:
             last_error += f"\n{last.error}"
     elif last is not None and last.status == "discard" and last.review.startswith("veto"):
