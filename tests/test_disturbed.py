@@ -15,6 +15,7 @@ import pytest
 
 from fixtures.standin.helpers import STANDIN, constant_step, lab_toml, make_dataset, make_lab, open_lab, set_constant
 from nightlab.agents.scripted import ScriptedProposer
+from nightlab.night.outcome import outcome
 from nightlab.night.policy import noise_width
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import JUDGED_KINDS
@@ -86,5 +87,8 @@ def test_a_trial_slowed_by_a_busy_sibling_is_disturbed_rerun_and_left_out_of_the
     snap = take_snapshot(lab.store, lab_dir)
     assert snap.disturbed == baseline.disturbed and snap.to_dict()["budget"] == "1.5s"
     assert f"{snap.disturbed} disturbed trial(s) re-run" in render_text(snap)
+    ended = outcome(lab.store, "t")
+    assert ended.disturbed == baseline.disturbed and ended.experiments == 1
+    assert f"{ended.disturbed} disturbed trial(s) re-run" in ended.text()
     report = render_markdown(load_night(lab_dir))
     assert "- budget: 1.5s" in report and "re-run with the same seed, never judged" in report
