@@ -123,3 +123,18 @@ def test_an_edit_that_differs_only_in_comments_and_spacing_is_a_repeat(tmp_path)
     researcher = ScriptedProposer([constant_step("deeper", "DEPTH", 12), restyled, constant_step("lr", "MATRIX_LR", 0.02)])
     Scheduler(lab, [Researcher("a", researcher)], _workers(lab, 1)).run(max_experiments=3)
     assert [e.status for e in lab.experiments() if e.kind == "experiment"][1] == "repeat"
+
+
+def test_the_kept_diffs_are_shown_newest_first_within_their_share(tmp_path):
+    with Store(tmp_path / "store.db") as store:
+        store.add_experiment("t", kind="baseline", description="baseline", status="keep", val_bpb=1.0)
+        for i in range(1, 30):
+            store.add_experiment("t", description=f"idea {i}", status="keep" if i % 3 == 0 else "discard",
+                                 val_bpb=1.0 - i / 1000, commit_sha=f"c{i}", parent_commit=f"c{i - 1}")
+        text = history.digest(store, "t", noise=0.001, max_chars=3000,
+                              diff_of=lambda e: f"-OLD = {e.id - 1}\n+NEW = {e.id}\n" + "# context\n" * 20)
+    assert len(text) <= 3000
+    chain = text.split("The chain of kept changes")[1].split("Near misses")[0]
+    assert "#30 idea 29" not in chain and "#28 idea 27" in chain and "+NEW = 28" in chain  # the newest keep
+    assert "#4 idea 3\n" not in chain  # the oldest did not fit its share
+    assert "Recent experiments" in text  # the diffs leave room for the other outcomes

@@ -83,6 +83,7 @@ FAILED_IDEAS = 6
 LOSS_POINTS = 5  # points of a loss curve shown
 ERROR_CHARS = 300  # of a failed trial's error tail
 DIFF_CHARS = 900  # of one kept diff
+KEPT_DIFFS_SHARE = 0.4  # of the budget left after the path to the best: the rest is for other outcomes
 _LOSS = re.compile(r"step\s+(\d+)\s*\|\s*loss\s+([-+0-9.eE]+|nan|inf)")
 
 
@@ -187,16 +188,16 @@ def digest(store: Store, run_tag: str, noise: float | None = None, max_chars: in
         return line(e, best_val, noise) + (f"\n    {how}" if how else "")
 
     def section(title: str, rows: Sequence[Experiment], newest_kept: bool = False,
-                render: Callable[[Experiment], str] = entry, mark: bool = True) -> None:
+                render: Callable[[Experiment], str] = entry, mark: bool = True, share: float = 1.0) -> None:
         nonlocal budget
         rows = [e for e in rows if e.id not in shown] if mark else list(rows)
         picked: list[tuple[Experiment, str]] = []
-        cost = len(title) + 2
+        cost, room = len(title) + 2, int(budget * share)
         for e in (reversed(rows) if newest_kept else rows):
             text = render(e)
             if not text:
                 continue
-            if cost + len(text) + 1 > budget:
+            if cost + len(text) + 1 > room:
                 break
             picked.append((e, text))
             cost += len(text) + 1
@@ -217,7 +218,7 @@ def digest(store: Store, run_tag: str, noise: float | None = None, max_chars: in
     if diff_of is not None:
         changes = [e for e in kept if e.kind != "baseline"]
         section("The chain of kept changes (their diffs, oldest first):", changes, newest_kept=True, mark=False,
-                render=lambda e: _kept_diff(e, diff_of))
+                render=lambda e: _kept_diff(e, diff_of), share=KEPT_DIFFS_SHARE)
     misses = [e for e in store.select(run_tag, statuses=("discard",), by_val_bpb=True, limit=NEAR_MISSES * 3)
               if e.origin_id is None][:NEAR_MISSES]
     section("Near misses (discarded, closest to the best):", misses)
