@@ -54,7 +54,8 @@ def default_tracking_uri(lab_dir: Path | str) -> str:
 
 def export_mlflow(lab_dir: Path | str, tracking_uri: str | None = None, experiment_name: str | None = None,
                   run_tag: str | None = None) -> MlflowExport:
-    """Log each finished experiment of the run as an MLflow run (params, metrics, tags, its diff)."""
+    """Log each finished experiment of the run as an MLflow run (params, metrics, tags, its diff); an
+    agent's failure is a FAILED run with its reason in the note."""
     try:
         from mlflow.tracking import MlflowClient  # deferred: optional SDK (nightlab[mlflow])
     except ImportError:
@@ -74,7 +75,7 @@ def export_mlflow(lab_dir: Path | str, tracking_uri: str | None = None, experime
     done = _exported_ids(client, experiment_id, night.run.tag)
     added = 0
     for row in night.finished:
-        if row.id in done:
+        if row.id in done or row.status == "repeat":  # a refused repeat never trained: no run to log
             continue
         _log_row(client, experiment_id, night, row)
         added += 1
