@@ -28,7 +28,10 @@ def test_results_tsv_reads_like_autoresearch(night: SimulatedNight, capsys: pyte
     assert list(rows[0]) == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert len(rows) == len(finished) == 1 + len(PLAN)
     for row, r in zip(rows, finished):
-        assert row["status"] == r.status
+        if r.status == "agent_failed":  # autoresearch's word for it, with the reason in the description
+            assert row["status"] == "crash" and " ".join(r.exp.reason.split()) in row["description"]
+        else:
+            assert row["status"] == r.status
         assert row["commit"] == (r.exp.commit_sha or "")[:7]
         assert float(row["val_bpb"]) == pytest.approx(r.exp.val_bpb or 0.0, abs=1e-6)
 
