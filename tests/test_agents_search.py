@@ -196,19 +196,28 @@ def test_local_proposals_move_few_constants_of_the_best_and_never_repeat(tmp_pat
         assert description.startswith("search: ") and "step x" in description, description
     points = proposer.local.state["measured"]
     assert len(points) == len(set(points)) == 40  # no point proposed twice
-    # From one best, 30 proposals in a row: each moves 1 to 3 constants, and never the same way twice.
-    again = SearchProposer(SearchAgentConfig(constants=LOCAL_KEYS), storage=None, seed=5)
-    (tmp_path / "train.py").write_text(SOURCE)
+    # From one best, 30 proposals in a row: each moves 1 to 3 constants, never the same way twice, and
+    # a shape (the batch size) alone and in a minority of them.
+    source = SOURCE + "MATRIX_LR = 0.04\nWEIGHT_DECAY = 0.2\nEMBEDDING_LR = 0.6\nUNEMBEDDING_LR = 0.004\n" \
+                      "TOTAL_BATCH_SIZE = 2**16\n"
+    keys = (*LOCAL_KEYS, "MATRIX_LR", "WEIGHT_DECAY", "EMBEDDING_LR", "UNEMBEDDING_LR", "TOTAL_BATCH_SIZE")
+    before = {c.key: c.value for c in find_constants(source)}
+    again = SearchProposer(SearchAgentConfig(constants=keys), storage=None, seed=5)
+    (tmp_path / "train.py").write_text(source)
+    sizes, shapes = [], 0
     for _ in range(30):
-        proposal = again.propose(Context("p", {"train.py": SOURCE}, "", best_val_bpb=1.0), tmp_path)
-        moved = _values((tmp_path / "train.py").read_text())
-        changed = {k for k, v in _values(SOURCE).items() if moved[k] != v}
+        proposal = again.propose(Context("p", {"train.py": source}, "", best_val_bpb=1.0), tmp_path)
+        moved = {c.key: c.value for c in find_constants((tmp_path / "train.py").read_text())}
+        changed = {k for k, v in before.items() if moved[k] != v}
         assert 1 <= len(changed) <= 3 and set(proposal.params) == changed, proposal.description
-        assert len(changed) == 1 or not changed & {"TOTAL", "WIDE"}  # shapes move alone
+        assert changed == {"TOTAL_BATCH_SIZE"} or "TOTAL_BATCH_SIZE" not in changed  # a shape moves alone
+        shapes += changed == {"TOTAL_BATCH_SIZE"}
+        sizes.append(len(changed))
         again.observe(proposal, "discard", 2.0)
-        (tmp_path / "train.py").write_text(SOURCE)
+        (tmp_path / "train.py").write_text(source)
     points = again.local.state["measured"]
     assert len(points) == len(set(points)) == 30
+    assert 1 <= shapes <= 12 and max(sizes) > 1  # shapes less often; some interacting groups move together
 
 
 def test_local_step_grows_after_wins_and_shrinks_after_losses(tmp_path: Path) -> None:

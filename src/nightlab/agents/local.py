@@ -8,7 +8,8 @@ two or three known to interact, ``constants.INTERACTIONS``) by a step relative t
   and shrinks after a loss, as in a (1+1) evolution strategy;
 - each direction of each constant keeps its wins and losses; the next move is drawn by Thompson
   sampling over them, so the directions that pay off are tried again and untried ones get a turn;
-  a constant that changes a compiled shape (``constants.is_shape``) is drawn less often and alone;
+- a constant that changes a compiled shape (``constants.is_shape``: speed, memory, compilation)
+  moves alone, in about one proposal of ``1 / SHAPE_SHARE``;
 - ints move by at least 1, powers of two by one power, shares in (0, 1) on their odds;
 - a point already proposed (measured or under way) is never proposed again.
 
@@ -33,10 +34,10 @@ from nightlab.agents.constants import (
 )
 from nightlab.night.proposals import Proposal, ProposalError
 
-FIRST_STEP = 1.3  # a constant's first move: x1.3 or /1.3
+FIRST_STEP = 1.5  # a constant's first move: x1.5 or /1.5
 GROW, SHRINK = 1.5, 0.8  # the step's log after a win, after a loss
 MIN_STEP, MAX_STEP = 1.05, 4.0
-SHAPE_WEIGHT = 0.3  # how much less often a shape-changing constant is drawn
+SHAPE_SHARE = 0.2  # share of proposals that move a shape-changing constant (when one is searched)
 GROUP_CHANCE = 0.15  # share of moves that change a group of interacting constants together
 WIN, HALF, LOSS = 1.0, 0.5, 0.0  # a keep; better than the best but not kept; worse or failed
 UP, DOWN = "up", "down"
@@ -96,17 +97,17 @@ class LocalSearch:
 
     def _candidates(self, constants: dict[str, Constant], rng: random.Random, widen: float) -> list[list[Move]]:
         """Moves in the order to try them: Thompson samples of each direction's record, shapes weighted down."""
+        shapes_first = rng.random() < SHAPE_SHARE
         scored = []
         for key, c in constants.items():
             for direction in (UP, DOWN):
                 arm = self._arm(key)
                 wins = sum(arm[direction])
                 draw = rng.betavariate(1 + wins, 1 + len(arm[direction]) - wins)
-                weight = SHAPE_WEIGHT if is_shape(key) else 1.0
                 move = _move(c, direction, arm["step"] ** widen)
-                if move is not None:
-                    scored.append((draw * weight, [move]))
-        if rng.random() < GROUP_CHANCE:
+                if move is not None:  # this turn's kind (shape or not) first, the other kind after it
+                    scored.append((draw + (is_shape(key) == shapes_first), [move]))
+        if not shapes_first and rng.random() < GROUP_CHANCE:
             for group in INTERACTIONS:
                 if all(k in constants and not is_shape(k) for k in group):
                     for direction in (UP, DOWN):
@@ -115,7 +116,7 @@ class LocalSearch:
                             draws = [rng.betavariate(1 + sum(self._arm(k)[direction]),
                                                      1 + len(self._arm(k)[direction]) - sum(self._arm(k)[direction]))
                                      for k in group]
-                            scored.append((1.0 + sum(draws) / len(draws), moves))  # drawn first this time
+                            scored.append((2.0 + sum(draws) / len(draws), moves))  # drawn first this time
         scored.sort(key=lambda item: -item[0])
         return [moves for _, moves in scored]
 

@@ -257,7 +257,9 @@ DEMO_SETTINGS = (
     "lab.startup_allowance_s=600",  # the hard cap: a busy machine takes longer over the same tokens
     "run.baseline_runs=2",
     "run.confirm_runs=1",  # a short demo: one confirmation seed for a close call
-    'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY"]',
+    # The rates, and the batch size that sets how many steps a budget of tokens buys.
+    'search.constants=["MATRIX_LR", "EMBEDDING_LR", "UNEMBEDDING_LR", "WARMDOWN_RATIO", "WEIGHT_DECAY", '
+    '"CPU_TOTAL_BATCH_SIZE"]',
 )
 # The demo trains each experiment on a fixed number of tokens, about --budget seconds of training on
 # two idle cores, so that whatever else the machine runs cannot move its verdicts (lab.budget_tokens).
