@@ -69,7 +69,7 @@ def test_api_outage_is_recorded_and_the_canary_key_is_written_nowhere(tmp_path, 
     from nightlab.report.write import write_report
 
     result, lab_dir, logs = faults.api_outage(tmp_path, data_dir, failed_proposals=5, say=_quiet)
-    assert [r.status for r in result.rows] == ["invalid"] * 5 + ["keep"]
+    assert [r.status for r in result.rows] == ["agent_failed"] * 5 + ["keep"]
     assert [r.fault for r in result.rows][:5] == ["429 Too Many Requests", "500 Internal Server Error", "timeout",
                                                    "garbage body", "a reply with no edit"]
     assert "HTTP 429" in result.rows[0].reason and "after 3 attempts" in result.rows[0].reason
@@ -84,7 +84,7 @@ def test_api_outage_is_recorded_and_the_canary_key_is_written_nowhere(tmp_path, 
 
 def test_a_hanging_agent_cli_is_stopped_with_its_children(tmp_path, data_dir):
     result = faults.cli_hang(tmp_path, data_dir, timeout_s=1.0, say=_quiet)
-    assert [r.status for r in result.rows] == ["invalid", "invalid"]
+    assert [r.status for r in result.rows] == ["agent_failed", "agent_failed"]
     assert all("ran past cli.timeout_s = 1 s" in r.reason for r in result.rows)
     assert result.notes == ["agent processes still alive afterwards: none"]
     assert result.continued and result.audit is not None and result.audit.breaches() == []

@@ -72,7 +72,7 @@ def _state(lab_dir: Path) -> tuple[int, tuple[str, ...], int]:
             conn.close()
     except sqlite3.Error:
         return 0, (), 0
-    done = ("keep", "discard", "crash", "timeout", "invalid")
+    done = ("keep", "discard", "crash", "timeout", "invalid", "agent_failed", "repeat")  # nightlab.night.store.FINISHED
     return len(rows), tuple(stage for stage, status in rows if status not in done), sum(s in done for _, s in rows)
 
 
