@@ -138,3 +138,12 @@ def test_the_kept_diffs_are_shown_newest_first_within_their_share(tmp_path):
     assert "#30 idea 29" not in chain and "#28 idea 27" in chain and "+NEW = 28" in chain  # the newest keep
     assert "#4 idea 3\n" not in chain  # the oldest did not fit its share
     assert "Recent experiments" in text  # the diffs leave room for the other outcomes
+
+
+def test_the_prompt_says_repeats_are_refused_and_shows_the_history():
+    from nightlab.night.proposals import Context
+
+    ctx = Context(program="p", best_source={"train.py": "X = 1\n"}, history="In flight (queued ...):\n#4 queued: deeper")
+    user = build_prompt(ctx, "answer").user
+    assert "repeats an experiment of the history, measured or in flight, is refused" in user
+    assert "## History of experiments\n\nIn flight" in user and "## The last experiment failed" not in user

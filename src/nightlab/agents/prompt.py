@@ -54,7 +54,8 @@ def build_prompt(context: Context, instructions: str) -> Prompt:
 
 
 def _standing(context: Context) -> str:
-    lines = [f"Files you may edit: {', '.join(context.allowed_files)}. Edits to anything else are rejected."]
+    lines = [f"Files you may edit: {', '.join(context.allowed_files)}. Edits to anything else are rejected.",
+             "A change that repeats an experiment of the history, measured or in flight, is refused untrained."]
     if context.best_val_bpb is not None:
         lines.append(f"Best val_bpb so far: {context.best_val_bpb:.6f}.")
     if context.noise is not None:
