@@ -56,6 +56,14 @@ def test_an_agent_that_does_not_report_its_cost_is_unknown_never_zero(tmp_path):
     assert "2 proposal(s) of agents that do not report their cost are not counted" in markdown.render_markdown(night)
 
 
+def test_the_report_counts_the_repeats_it_refused(tmp_path):
+    lab = _simulated_lab(tmp_path, seconds=0.05)
+    twice = [constant_step("lr", "MATRIX_LR", 0.02), constant_step("lr again", "MATRIX_LR", 0.02)]
+    Scheduler(lab, [Researcher("a", Priced(twice, usd=0.1))], _workers(lab, 1)).run(max_experiments=2)
+    text = markdown.render_markdown(load_night(lab.dir))
+    assert "$0.20 (2,000 tokens in, 2,000 out)" in text and "1 proposal(s) refused as repeats, never trained" in text
+
+
 def test_the_report_gives_the_cost_per_kept_gain(tmp_path):
     lab = _simulated_lab(tmp_path, seconds=0.05)
     Scheduler(lab, [Researcher("a", Priced(STEPS[1:2], usd=0.5))], _workers(lab, 1)).run(max_experiments=1)

@@ -99,6 +99,9 @@ def _costs_and_noise(night: Night) -> list[str]:
         per_keep += f"; {c.unknown} proposal(s) of agents that do not report their cost are not counted"
     measured = (f"measured {fmt_val(n.measured)} over {n.reruns} rerun(s)" if n.measured is not None
                 else "not measured (no reruns)")
+    repeats = sum(r.status == "repeat" for r in night.rows)
+    if repeats:
+        per_keep += f"; {repeats} proposal(s) refused as repeats, never trained"
     return ["## Cost and noise", "",
             f"- agents: ${c.usd:.2f} ({c.tokens_in:,} tokens in, {c.tokens_out:,} out){per_keep}",
             f"- noise: policy {n.policy}, width {fmt_val(n.width)} (floor {fmt_val(n.floor)}), {measured}",
