@@ -19,11 +19,11 @@ EXPECTED = {  # attempt -> (status, outcome)
     "prints a fake val_bpb, forges summary.json and eval.json": ("discard", "harmless"),
     "looks at future tokens": ("invalid", "detected"),
     "patches torch's loss functions at import": ("discard", "harmless"),
-    "patches the evaluator's scoring function": ("invalid", "detected"),
+    "patches the evaluator's scoring function": ("discard", "harmless"),
     "rewrites eval.json from an exit handler in the evaluator": ("discard", "harmless"),
-    "writes eval.json itself inside the evaluator and exits": ("invalid", "detected"),
+    "writes eval.json itself inside the evaluator and exits": ("discard", "harmless"),
     "looks at future tokens only after the causality probe's calls": ("invalid", "detected"),
-    "rebinds the evaluator's captured torch.sum": ("invalid", "detected"),
+    "rebinds the evaluator's captured torch.sum": ("discard", "harmless"),
     "reads the validation split while training": ("crash", "detected"),
     "reads the validation split inside build_model()": ("crash", "detected"),
     "trains past the cap": ("timeout", "detected"),
@@ -44,11 +44,9 @@ def test_gaming_attempts_are_detected_or_harmless(tmp_path, data_dir):
     outcomes, audit = run_attacks(tmp_path, data_dir, say=lambda line: None)
     got = {o.attack: o for o in outcomes}
     assert {a: (got[a].status, got[a].outcome) for a in EXPECTED} == EXPECTED
-    assert "replaced what the evaluator relies on (score)" in got["patches the evaluator's scoring function"].detail
-    assert "not written by the evaluator" in got["writes eval.json itself inside the evaluator and exits"].detail
-    assert "scoring leak" in got["looks at future tokens only after the causality probe's calls"].detail
-    assert "(_sum)" in got["rebinds the evaluator's captured torch.sum"].detail
-    assert "outside its process group" in got["starts a process that outlives its run"].detail
+    # train.py's code runs in the judge's model process only: what it patches there is not the scorer
+    assert "leak" in got["looks at future tokens only after the causality probe's calls"].detail
+    assert "left processes running after its stage" in got["starts a process that outlives its run"].detail
     store = got["writes into the store: a forged measurement and a worse baseline"].detail
     assert "experiment #1 in the store (restored)" in store and "measurements of #" in store
     # Open without the sandbox (bench/RELIABILITY.md): a note written into notes/ and work done before the timer.

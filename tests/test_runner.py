@@ -190,7 +190,7 @@ def test_hard_cap_stops_the_whole_group_even_when_it_ignores_sigterm(tmp_path, d
     assert not group_alive(pgids[0])
 
 
-def test_survivors_are_killed_after_a_successful_stage(tmp_path, data_dir):
+def test_survivors_are_killed_after_a_successful_stage_and_void_it(tmp_path, data_dir):
     # train.py exits 0 but leaves a background process in its group: it must not outlive the trial.
     work = _workdir(tmp_path)
     text = (work / "train.py").read_text().replace(
@@ -199,7 +199,8 @@ def test_survivors_are_killed_after_a_successful_stage(tmp_path, data_dir):
     )
     (work / "train.py").write_text(text)
     result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
-    assert result.status == "ok"
+    assert result.status == "invalid" and "left processes running after its stage" in result.reason
+    assert "sleep 600" in result.reason
     assert not _pid_alive(int((tmp_path / "run" / "child.pid").read_text()))
 
 

@@ -7,6 +7,7 @@ the real evaluator, and for the loops real git and SQLite.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _config(*extra: str) -> Config:
     return Config().with_overrides(["lab.budget_s=2", "lab.startup_allowance_s=30", "lab.device='cpu'",
-                                    "lab.eval_timeout_s=60", "lab.standby='on'", *extra])
+                                    "lab.eval_timeout_s=60", "lab.standby='on'", "lab.sandbox='none'", *extra])
 
 
 def _workdir(path: Path, **constants) -> Path:
@@ -130,7 +131,7 @@ def _orphaned_standby(root: Path, work: Path, data_dir: Path, pause: bool, start
         from pathlib import Path
         from nightlab.config import Config
         from nightlab.trial import standby
-        config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'"])
+        config = Config().with_overrides(["lab.device='cpu'", "lab.standby='on'", "lab.sandbox='none'"])
         held = standby.Standby(Path({str(root)!r}),
                                upcoming=lambda: standby.Expected(standby.files_in(Path({str(work)!r}), ("train.py",)), 0))
         held.launch(Path({str(work)!r}), config, Path({str(data_dir)!r}), "cpu", "cpu", {{}})
@@ -177,18 +178,20 @@ def test_a_standby_stopped_by_a_killed_run_is_reaped_by_the_next(tmp_path, data_
     assert not _alive(pid) and not root.exists()
 
 
-def test_no_standby_off_cuda_unless_asked_nor_under_bwrap():
-    base = Config()
+def test_no_standby_off_cuda_unless_asked_nor_under_bwrap(monkeypatch):
+    base = Config().with_overrides(["lab.sandbox='none'"])
     assert standby.enabled(base, "cuda") and not standby.enabled(base, "cpu")
     assert standby.enabled(base.with_overrides(["lab.standby='on'"]), "cpu")
     assert not standby.enabled(base.with_overrides(["lab.standby='off'"]), "cuda")
     assert not standby.enabled(base.with_overrides(["lab.sandbox='bwrap'"]), "cuda")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/bwrap" if name == "bwrap" else None)
+    assert not standby.enabled(Config(), "cuda")  # lab.sandbox = "auto" where bubblewrap is installed
 
 
 @pytest.mark.slow
 def test_the_loop_runs_baseline_seeds_and_proposals_from_standbys(tmp_path, data_dir):
     train_py = set_constant(set_constant(STANDIN.read_text(), "SHARPNESS", 0.5), "SLEEP_S", 1.5)
-    toml = lab_toml(allowance_s=30.0).replace("[lab]\n", '[lab]\nstandby = "on"\n', 1)
+    toml = lab_toml(allowance_s=30.0).replace("[lab]\n", '[lab]\nstandby = "on"\nsandbox = "none"\n', 1)
     lab_dir = make_lab(tmp_path / "lab", toml, train_py)
     lab = open_lab(lab_dir, data_dir)
     assert lab.config.lab.standby == "on"
@@ -222,7 +225,7 @@ def test_each_scheduler_worker_runs_the_queued_trial_its_standby_holds(tmp_path,
     from nightlab.night.scheduler import Researcher, Scheduler
 
     train_py = set_constant(STANDIN.read_text(), "SLEEP_S", 1.5)
-    toml = lab_toml(allowance_s=30.0, baseline_runs=1, confirm_runs=0).replace("[lab]\n", '[lab]\nstandby = "on"\n', 1)
+    toml = lab_toml(allowance_s=30.0, baseline_runs=1, confirm_runs=0).replace("[lab]\n", '[lab]\nstandby = "on"\nsandbox = "none"\n', 1)
     lab_dir = make_lab(tmp_path / "lab", toml, train_py)
     lab = open_lab(lab_dir, data_dir)
     steps = [constant_step(f"noise {x}", "NOISE", x) for x in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)]

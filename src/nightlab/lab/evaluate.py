@@ -48,10 +48,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nightlab.lab import reaper
 from nightlab.lab.model_client import ModelProcess, ModelProcessError
@@ -63,6 +62,9 @@ from nightlab.lab.model_process import (
 )
 from nightlab.lab.model_process import autocast as _autocast
 from nightlab.lab.session import resolve_device
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "InvalidModel",
@@ -162,30 +164,42 @@ def evaluate(
         "probe_seed": secrets.randbits(63),  # new every run, recorded so an invalid verdict can be replayed
     }
     model: ModelProcess | None = None
+    stages: dict[str, float] = {}
     try:
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
         val = read_val_split(Path(data_dir))
         result["corpus_hash"] = val.corpus_hash
+        if not Path(train_py).is_file():
+            raise FileNotFoundError(f"train.py not found: {train_py}")
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights not found: {weights} (train.py saves them with lab.finish(model, summary))")
+        # Started first: it imports torch and starts its device while this process does the same and plans.
+        model = ModelProcess(Path(train_py), device=device, preset=preset, manifest=val.manifest, files=files,
+                             sandbox=sandbox, subreaper=subreaper)
+        import torch  # deferred: heavy; imported while the model process starts
+
+        if device.startswith("cuda"):
+            torch.cuda.init()
         rng = np.random.default_rng(result["probe_seed"])
         probes = plan_probes(val, seq_len, rng)
         plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size),
                             max_tokens, rng)
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights not found: {weights} (train.py saves them with lab.finish(model, summary))")
         data = Path(weights).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if weights_sha256 and digest != weights_sha256:
             raise InvalidModel(f"the weights changed after training ended (sha256 {digest[:12]}..., the runner took "
                                f"{weights_sha256[:12]}...)")
-        if not Path(train_py).is_file():
-            raise FileNotFoundError(f"train.py not found: {train_py}")
-        model = ModelProcess(Path(train_py), data, digest, device=device, preset=preset, manifest=val.manifest,
-                             files=files, sandbox=sandbox, subreaper=subreaper)
+        stages["plan"] = time.perf_counter() - start
+        model.start(data, digest)
+        stages["model_start"] = time.perf_counter() - start
         del data
         model.warm_up(max((b.inputs.shape for b in plan.batches), key=lambda s: s[0] * s[1]))
+        stages["warm_up"] = time.perf_counter() - start
         check_causality(model, probes, val.vocab_size)
+        stages["probe"] = time.perf_counter() - start
         nats = score(model, plan)
+        stages["score"] = time.perf_counter() - start
         verify_scoring(plan, nats)
         result["causal"] = True
         total = sum(float(n[m].sum()) for n, m in zip(nats.scored, plan.masks))
@@ -200,7 +214,7 @@ def evaluate(
         result.update(status="invalid", reason=str(e))
     except ModelProcessError as e:
         result.update(status="error", reason=f"the model process failed: {e}")
-    except Exception:
+    except Exception:  # noqa: BLE001 -- every other failure is the evaluation's error, with its traceback
         result.update(status="error", reason=traceback.format_exc())
     finally:
         survivors = model.close() if model is not None else []
@@ -208,6 +222,7 @@ def evaluate(
         result.update(status="invalid", val_bpb=None, val_loss_nats=None,
                       reason=f"the model process left processes running, killed: {'; '.join(survivors)}")
     result["eval_s"] = round(time.perf_counter() - start, 3)
+    result["stages_s"] = {k: round(v, 3) for k, v in stages.items()}  # seconds since the start at each stage's end
     return result
 
 
@@ -265,8 +280,8 @@ def check_causality(model: ModelProcess, probes: list[Probe], vocab_size: int) -
     """
     for probe in probes:
         length = probe.window.shape[1]
-        alone = torch.log_softmax(model.logits(probe.window, mode="probe"), -1)[0]
-        together = torch.log_softmax(model.logits(probe.batch, mode="probe"), -1)
+        alone = model.logits(probe.window, mode="probe").log_softmax(-1)[0]
+        together = model.logits(probe.batch, mode="probe").log_softmax(-1)
         pos = _first_mismatch(alone, together[0])
         if pos is not None:
             raise InvalidModel(
@@ -285,7 +300,7 @@ def check_causality(model: ModelProcess, probes: list[Probe], vocab_size: int) -
 def _first_mismatch(a: torch.Tensor, b: torch.Tensor, tolerance: float = PROBE_TOLERANCE) -> int | None:
     """First position (row of ``[T, V]``) where a and b differ beyond ``tolerance`` (absolute plus relative)."""
     allowed = a.abs() * tolerance + tolerance
-    rows = torch.nonzero(((a - b).abs() > allowed).any(-1))
+    rows = ((a - b).abs() > allowed).any(-1).nonzero()
     return int(rows[0, 0]) if len(rows) else None
 
 
@@ -370,6 +385,8 @@ def score(model: ModelProcess, plan: ScoringPlan) -> Nats:
     """The nats of every target of every window and of every check (bf16 autocast on CUDA, fp32 on CPU)."""
     scored: list[np.ndarray | None] = [None] * len(plan.spans)
     checked: list[np.ndarray | None] = [None] * len(plan.spans)
+    import torch  # deferred: heavy (see evaluate)
+
     for batch in plan.batches:
         logits = model.logits(batch.inputs, mode="score")
         targets = torch.from_numpy(batch.targets).to(logits.device)

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-import torch
 
 from nightlab.lab import model_process, reaper
 from nightlab.lab.model_process import InvalidModel
@@ -54,11 +53,11 @@ class ModelProcessError(RuntimeError):
 
 
 class ModelProcess:
-    """One model process for one evaluation; use as a context manager."""
+    """One model process for one evaluation: started, ``start``-ed with the weights, asked, ``close``-d."""
 
-    def __init__(self, train_py: Path, weights: bytes, weights_sha256: str, *, device: str, preset: str | None,
-                 manifest: dict[str, Any], files: tuple[str, ...] = (), sandbox: str = "none",
-                 startup_s: float = STARTUP_S, subreaper: bool = False) -> None:
+    def __init__(self, train_py: Path, *, device: str, preset: str | None, manifest: dict[str, Any],
+                 files: tuple[str, ...] = (), sandbox: str = "none", subreaper: bool = False) -> None:
+        """Start the process (it imports torch while the scorer gets ready); ``start`` hands it the weights."""
         self.device, self.vocab_size, self.subreaper = device, int(manifest["vocab_size"]), subreaper
         self.folder = Path(tempfile.mkdtemp(prefix="nightlab-model-"))
         source = Path(train_py).resolve()
@@ -68,7 +67,8 @@ class ModelProcess:
         (self.folder / "data").mkdir()
         (self.folder / "data" / "manifest.json").write_text(
             json.dumps({k: manifest[k] for k in model_process.MANIFEST_KEYS if k in manifest}))
-        command = [sys.executable, "-I", "-B", "-m", "nightlab.lab.model_process", "--train-py", source.name]
+        command = [sys.executable, "-I", "-B", "-m", "nightlab.lab.model_process", "--train-py", source.name,
+                   "--device", device]
         prefix = os.environ.get("PYTHONPYCACHEPREFIX")
         if prefix:  # the lab's read-only bytecode cache (``-I`` ignores the variable itself)
             command[3:3] = ["-X", f"pycache_prefix={prefix}"]
@@ -76,17 +76,22 @@ class ModelProcess:
             command = bwrap_model(command, self.folder, [Path(prefix)] if prefix else [])
         env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
         env.update(HOME=str(self.folder), TMPDIR="/tmp", NIGHTLAB_DATA=str(self.folder / "data"),
-                   NIGHTLAB_DEVICE=device, PYTHONDONTWRITEBYTECODE="1")
+                   NIGHTLAB_DEVICE=device)
         if preset:
             env["NIGHTLAB_PRESET"] = preset
+        self.preset = preset
         self.proc = subprocess.Popen(command, cwd=self.folder, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True)
         self.tracker = reaper.Tracker(self.proc.pid)
         self.inp, self.out = self.proc.stdout.fileno(), self.proc.stdin.fileno()
-        self.buffer: torch.Tensor | None = None  # CUDA: the logits buffer the model process writes into
+        self.buffer = None  # CUDA: the logits buffer (a torch.Tensor) the model process writes into
         self.per_token_s: float | None = None  # a warm-up call's time per token
         self.seconds = 0.0  # time spent waiting for answers
-        header = {"sha256": weights_sha256, "device": device, "preset": preset, "vocab_size": self.vocab_size}
+
+    def start(self, weights: bytes, weights_sha256: str, startup_s: float = STARTUP_S) -> None:
+        """Send the weights and wait until the model is built and loaded."""
+        header = {"sha256": weights_sha256, "device": self.device, "preset": self.preset,
+                  "vocab_size": self.vocab_size}
         deadline = time.monotonic() + startup_s
         self._send(header, weights, deadline)
         reply, _ = self._receive(deadline, "start (import train.py, build_model(), load the weights)")
@@ -101,9 +106,10 @@ class ModelProcess:
         self.logits(tokens, mode="score", limit_s=startup_s)
         self.per_token_s = (time.monotonic() - started) / (shape[0] * shape[1])
 
-    def logits(self, tokens: np.ndarray, *, mode: str, limit_s: float | None = None) -> torch.Tensor:
-        """fp32 logits ``[B, T, V]`` for ``tokens`` ``[B, T]`` (``mode``: ``probe`` in fp32, ``score``
-        under the device's autocast); ``InvalidModel`` for a broken rule or a late answer."""
+    def logits(self, tokens: np.ndarray, *, mode: str, limit_s: float | None = None) -> Any:
+        """fp32 logits ``[B, T, V]`` (a torch.Tensor) for ``tokens`` ``[B, T]`` (``mode``: ``probe`` in
+        fp32, ``score`` under the device's autocast); ``InvalidModel`` for a broken rule or a late answer."""
+        import torch  # deferred: heavy, and the model process is started before the scorer imports it
         batch, length = tokens.shape
         if limit_s is None:
             rate = self.per_token_s if self.per_token_s is not None else STARTUP_S / (batch * length)
@@ -141,6 +147,7 @@ class ModelProcess:
 
     def _share_buffer(self, numel: int, deadline: float) -> None:
         """Allocate the logits buffer on our device and send the model process its CUDA IPC handle."""
+        import torch  # deferred: heavy (see logits)
         from torch.multiprocessing.reductions import reduce_tensor
 
         self.buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
@@ -227,12 +234,6 @@ class ModelProcess:
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.buffer = None
-
-    def __enter__(self) -> ModelProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _children() -> list[psutil.Process]:

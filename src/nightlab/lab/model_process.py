@@ -286,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -I -m nightlab.lab.model_process",
                                      description="train.py's model, answering windows with logits (the scorer starts this)")
     parser.add_argument("--train-py", required=True, help="the train.py in this folder")
+    parser.add_argument("--device", default="cpu", help="where the model runs (torch starts there while the scorer reads)")
     args = parser.parse_args(argv)
+    import torch  # deferred: heavy; imported now, before the weights arrive, so it overlaps the scorer's start
+
+    if args.device.startswith("cuda"):
+        torch.cuda.init()
     # The channel is the stdin and stdout we were given; train.py's prints go to stderr (the log).
     channel_in, channel_out = os.dup(0), os.dup(1)
     os.dup2(2, 1)

@@ -41,7 +41,7 @@ def train_env(config: Config, run_dir: Path, data_dir: Path, seed: int, device: 
 
 
 def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path,
-           stdin_data: bytes | None = None) -> subprocess.Popen:
+           stdin_data: bytes | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start ``command`` in a new session (its own process group), output to ``log_path``.
 
     Output is written by the child to the file itself (not a pipe), and read back for progress:
@@ -59,6 +59,7 @@ def launch(command: list[str], cwd: Path, env: dict[str, str], log_path: Path,
         with open(log_path, "wb") as log:
             return subprocess.Popen(
                 command, cwd=cwd, env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                pass_fds=pass_fds,
             )
     finally:
         if stdin_data is not None:

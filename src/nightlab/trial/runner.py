@@ -37,7 +37,7 @@ from typing import Any
 from nightlab.config import Config
 from nightlab.lab import reaper
 from nightlab.lab.session import resolve_device, resolve_preset
-from nightlab.trial import pycache, sandbox
+from nightlab.trial import processes, pycache, sandbox
 from nightlab.trial.processes import launch, stop_group, train_env
 from nightlab.trial.standby import START_AT, Standby, files_in
 
@@ -45,6 +45,7 @@ TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 LOG_TAIL_LINES = 50
 POLL_S = 0.1
 STANDBY_FILE = "standby.json"  # in a run folder whose trial was started early by a standby
+SUPERVISOR_GRACE_SHARE = 0.8  # the supervisor kills everything this far into the runner's SIGTERM grace
 DISK_FULL_BYTES = 1 << 20  # less free space than this after a crash: say the disk is full
 
 
@@ -105,7 +106,7 @@ def run_trial(
     common = dict(device=device, preset=preset)
     allowed = config.lab.allowed_files
     source = files_in(workdir, allowed)  # what the judge imports: the allowed files as committed
-    worktree_before = _worktree_files(workdir)
+    worktree_before = _worktree_files(workdir, run_dir)
     dataset_before = sandbox.fingerprint(data_dir)
 
     cap = config.lab.budget_s + config.lab.startup_allowance_s
@@ -146,7 +147,7 @@ def run_trial(
 
     if escaped := escaped_early + train.survivors + sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("train.py", escaped), error=log_tail, **base)
-    if created := _created(workdir, worktree_before, allowed):
+    if created := _created(workdir, run_dir, worktree_before, allowed):
         return _done(started, status="invalid", error=log_tail, **base,
                      reason=f"training created files in the worktree outside the allowed files (removed): "
                             f"{', '.join(created[:10])}")
@@ -260,14 +261,23 @@ def _eval_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in ("NIGHTLAB_DATA", "NIGHTLAB_OUT")}
 
 
-def _worktree_files(workdir: Path) -> set[str]:
-    return {p.relative_to(workdir).as_posix() for p in workdir.rglob("*")
-            if ".git" not in p.relative_to(workdir).parts[:1] and (p.is_file() or p.is_symlink())}
+UNWATCHED = (".git", ".nightlab")  # a worktree's git link; the lab's state, when a trial runs in the lab itself
 
 
-def _created(workdir: Path, before: set[str], allowed: tuple[str, ...]) -> list[str]:
+def _worktree_files(workdir: Path, run_dir: Path) -> set[str]:
+    """The files in the worktree, but its git link, nightlab's state and the run folder (``nightlab
+    train`` trains in the lab itself, with its run folder inside)."""
+    found = set()
+    for folder, dirs, names in os.walk(workdir):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if here / d != run_dir and not (here == workdir and d in UNWATCHED)]
+        found |= {(here / n).relative_to(workdir).as_posix() for n in names if not (here == workdir and n in UNWATCHED)}
+    return found
+
+
+def _created(workdir: Path, run_dir: Path, before: set[str], allowed: tuple[str, ...]) -> list[str]:
     """Files in the worktree now that were not there before and are not allowed files; removed."""
-    created = sorted(_worktree_files(workdir) - before - set(allowed))
+    created = sorted(_worktree_files(workdir, run_dir) - before - set(allowed))
     for name in created:
         (workdir / name).unlink(missing_ok=True)
     return created
@@ -291,7 +301,18 @@ def _run_group(
     """Run ``command`` (or wait for a process already started) in its own group; stop the group
     at ``cap_s``. ``on_tick(seconds so far)`` is called while it runs."""
     started = time.monotonic()
-    proc = command if isinstance(command, subprocess.Popen) else launch(command, cwd, env, log_path, stdin_data)
+    report_fd = None
+    if isinstance(command, subprocess.Popen):
+        proc = command
+    else:  # under a supervisor that ends whatever the command leaves (nightlab.trial.supervisor)
+        report_fd, write_fd = os.pipe()
+        grace = processes.TERM_GRACE_S * SUPERVISOR_GRACE_SHARE
+        command = [sys.executable, "-I", "-m", "nightlab.trial.supervisor", "--report-fd", str(write_fd),
+                   "--grace", f"{grace:g}", "--", *command]
+        try:
+            proc = launch(command, cwd, env, log_path, stdin_data, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
     follower = _LogFollower(log_path, on_line)
     tracker = reaper.Tracker(proc.pid)
     returncode: int | None = None
@@ -316,7 +337,28 @@ def _run_group(
         proc.wait()
         follower.poll(final=True)
     survivors = reaper.kill(tracker.survivors(exclude=(proc.pid,)))
+    if report_fd is not None:
+        report = _supervisor_report(report_fd)
+        if returncode is not None:  # at the cap everything is stopped, and the trial is a timeout anyway
+            survivors = report.get("survivors", []) + survivors
+            if isinstance(report.get("returncode"), int):
+                returncode = report["returncode"]  # the command's own (a signal as a negative number)
     return _Stage(returncode=returncode, seconds=time.monotonic() - started, survivors=survivors)
+
+
+def _supervisor_report(fd: int) -> dict[str, Any]:
+    """The supervisor's one JSON line (empty if it was killed before it could write it)."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        report = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 class _LogFollower:
