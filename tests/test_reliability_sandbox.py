@@ -54,14 +54,22 @@ def test_train_view_links_everything_but_the_validation_split(tmp_path, data_dir
     assert names == ["manifest.json", "token_bytes.npy", "train.docs.npy", "train.tokens.npy"]
     assert (view / "train.tokens.npy").read_bytes() == (data_dir / "train.tokens.npy").read_bytes()
     assert sandbox.train_view(data_dir, tmp_path / "run") == view  # made again from scratch, same content
+    mixed = tmp_path / "mixed"  # whatever else stands in the dataset folder, the view is a whitelist
+    shutil.copytree(data_dir, mixed)
+    for extra in ("holdout.tokens.npy", "holdout.docs.npy", "notes.txt"):
+        (mixed / extra).write_bytes(b"x")
+    (mixed / "text").mkdir(exist_ok=True)
+    assert sorted(p.name for p in sandbox.train_view(mixed, tmp_path / "run2").iterdir()) == names
 
 
 def test_without_the_sandbox_a_determined_train_py_still_reaches_val_and_writes_outside(tmp_path, data_dir,
                                                                                        monkeypatch):
     result, probes, outside = _probe(tmp_path, data_dir, "none", monkeypatch)
     assert result.status == "ok", result.reason
-    assert probes["read_val"] is True and probes["write_outside"] is True  # what the sandbox is for
-    assert outside.exists()
+    # The view's train split is a hard link now: following it no longer leads to the cache's folder.
+    # A train.py that knows the cache's path still reads val there: that is what the sandbox is for.
+    assert probes["read_val"] == "refused: No such file or directory"
+    assert probes["write_outside"] is True and outside.exists()
 
 
 @needs_bwrap
@@ -143,9 +151,9 @@ def test_guard_restores_the_store_whole_or_not_at_all(tmp_path, data_dir):
 
 
 def test_sandbox_setting_is_validated():
-    with pytest.raises(ConfigError, match="lab.sandbox must be none or bwrap"):
+    with pytest.raises(ConfigError, match="lab.sandbox must be auto, none or bwrap"):
         Config().with_overrides(["lab.sandbox='docker'"])
-    with pytest.raises(sandbox.SandboxError, match="choose one of none, bwrap"):
+    with pytest.raises(sandbox.SandboxError, match="choose one of auto, none, bwrap"):
         sandbox.check_available("firejail")
 
 
