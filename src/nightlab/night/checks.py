@@ -51,11 +51,13 @@ class Started:
 
 
 def run(lab: Lab, kind: str, best_id: int, keep_id: int, commit: str, seed: int, *,
-        budget_s: float | None = None, label: str = "") -> Check:
+        budget_s: float | None = None, label: str = "", retry_failed: bool = False) -> Check:
     """The check of ``commit`` with ``seed`` at ``budget_s`` (default: the lab's budget), measured
-    once: a finished one is returned as recorded (its holdout scored if it was not), one left
-    running by a killed process is stopped and run again."""
-    started = begin(lab, kind, best_id, keep_id, commit, seed, budget_s=budget_s, label=label)
+    once: a finished one is returned as recorded (its holdout scored if it was not; with
+    ``retry_failed``, one that failed is run again), one left running by a killed process is
+    stopped and run again."""
+    started = begin(lab, kind, best_id, keep_id, commit, seed, budget_s=budget_s, label=label,
+                    retry_failed=retry_failed)
     if isinstance(started, Check):
         return started
     guard = sandbox.Guard.take(lab.dir, lab.store.path, 0) if runs_processes(lab.trainer) else None
@@ -69,12 +71,13 @@ def run(lab: Lab, kind: str, best_id: int, keep_id: int, commit: str, seed: int,
 
 
 def begin(lab: Lab, kind: str, best_id: int, keep_id: int, commit: str, seed: int, *,
-          budget_s: float | None = None, label: str = "", worktree: str = WORKTREE) -> Started | Check:
+          budget_s: float | None = None, label: str = "", worktree: str = WORKTREE,
+          retry_failed: bool = False) -> Started | Check:
     """Record that a check's trial starts and check its commit out in ``worktree``; the recorded
     ``Check`` instead when it was measured before (a trial left running by a killed process is stopped)."""
     budget = float(budget_s if budget_s is not None else lab.config.lab.budget_s)
     done = find(lab, kind, best_id, keep_id, seed, budget)
-    if done is not None and done.status != "running":
+    if done is not None and done.status != "running" and not (retry_failed and done.status != "ok"):
         lab.say(f"{label}: measured before: {_shown(done)}")
         return _with_holdout(lab, done)
     if done is not None and done.pgid and group_alive(done.pgid):

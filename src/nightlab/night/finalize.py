@@ -10,7 +10,8 @@ whose reversal costs less than one noise width on val no longer contributes. Wit
 order, and is measured again.
 
 Every trial goes through ``nightlab.night.checks``: recorded as it starts and as it ends, so a
-``kill -9`` then the same command loses nothing and runs nothing twice.
+``kill -9`` then the same command loses nothing and runs no finished trial twice; a trial that
+failed (crash, timeout, invalid) is run once more, and again by the next ``nightlab finalize``.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def _measure(lab: Lab, best: Experiment, keep_id: int, commit: str, used: list[i
     """val_bpb and holdout scores of ``commit`` over the seeds (the failed trials left out)."""
     vals, held = [], []
     for seed in used:
-        check = checks.run(lab, ABLATION, best.id, keep_id, commit, seed, label=label(what))
+        check = checks.run(lab, ABLATION, best.id, keep_id, commit, seed, label=label(what), retry_failed=True)
+        if check.status != "ok":  # once more: a failed trial leaves this keep's contribution unknown
+            check = checks.run(lab, ABLATION, best.id, keep_id, commit, seed, label=f"{what}, again",
+                               retry_failed=True)
         if check.val_bpb is not None:
             vals.append(check.val_bpb)
         if check.holdout_bpb is not None:
@@ -158,7 +162,8 @@ def _prune(lab: Lab, finale: Finale, label) -> Finale:
     else:
         vals, held = [], []
         for seed in finale.seeds:
-            check = checks.run(lab, PRUNED, finale.best.id, BEST, commit, seed, label=label(f"{branch}"))
+            check = checks.run(lab, PRUNED, finale.best.id, BEST, commit, seed, label=label(f"{branch}"),
+                               retry_failed=True)
             vals += [check.val_bpb] if check.val_bpb is not None else []
             held += [check.holdout_bpb] if check.holdout_bpb is not None else []
     return Finale(**{**finale.__dict__, "pruned_branch": branch, "pruned_commit": commit,

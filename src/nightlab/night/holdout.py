@@ -146,7 +146,10 @@ def score(lab: Lab, exp: Experiment) -> Experiment:
     if todo:
         work = lab.git.worktree(lab.dir, WORKTREE, exp.commit_sha)
         for m in todo:
+            # This model was judged on val already; a judge that gives no score here is asked once more.
             value = scores(work, Path(m.run_dir), lab.config, m.seed)
+            if value is None:
+                value = scores(work, Path(m.run_dir), lab.config, m.seed)
             if value is not None:
                 lab.store.set_holdout(m.id, value)
     values = [m.holdout_bpb for m in lab.store.measurements(exp.id) if m.status == "ok" and m.holdout_bpb is not None]
