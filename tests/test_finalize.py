@@ -18,6 +18,7 @@ from nightlab.cli import main
 from nightlab.night import finalize, holdout
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import Store
+from nightlab.report.write import write_report
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -44,7 +45,7 @@ def lab_dir(tmp_path_factory, data_dir) -> Path:
     return lab_dir
 
 
-def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, capsys):
+def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, tmp_path, capsys):
     with Store.open(lab_dir) as store:
         rows = {e.description: e for e in store.experiments()}
         assert [rows[d].status for d in ("baseline", "sharper unigram", "shorter docstring")] == ["keep"] * 3
@@ -60,6 +61,11 @@ def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, capsys):
     status = __import__("json").loads(capsys.readouterr().out)
     assert status["best"]["holdout_bpb"] == pytest.approx(rows["shorter docstring"].holdout_bpb)
     assert status["overfitting"] is False and "holdout gain" in status["holdout"]
+    # the report draws val and holdout along the kept chain; results.tsv keeps autoresearch's columns
+    files = write_report(lab_dir, tmp_path / "report")
+    chart = files.html.with_name("holdout.png").read_bytes()
+    assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
+    assert files.results_tsv.read_text().splitlines()[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
 
 def test_the_alarm_rings_when_the_val_gain_does_not_carry(tmp_path):

@@ -135,3 +135,15 @@ def test_training_is_never_handed_the_holdout(tmp_path: Path) -> None:
     names = sorted(p.name for p in view.iterdir())
     assert names and not [n for n in names if n.startswith(("holdout", "val", "text"))]
     assert all(p.read_bytes() not in sealed for p in view.iterdir() if p.is_file())
+
+
+def test_the_simulators_holdout_is_the_true_value_with_noise_of_its_own() -> None:
+    from nightlab.sim.simulate import SEED_NOISE, Surface
+
+    source = "LR = 0.01  # learning rate\nDEPTH = 4  # layers\n"
+    surface = Surface.flat(source)
+    val = [surface.measure(source, seed)[1] for seed in range(400)]
+    held = [surface.holdout(source, seed) for seed in range(400)]
+    assert abs(np.mean(held) - surface.floor) < 4 * SEED_NOISE / 20 and abs(np.std(held) - SEED_NOISE) < 2e-4
+    assert abs(np.corrcoef(val, held)[0, 1]) < 0.15  # drawn apart from the val measurement
+    assert surface.expected(source.replace("0.01", "0.02")) == surface.floor  # flat: no change does anything
