@@ -9,6 +9,8 @@ import pytest
 
 from nightlab.config import RunConfig
 from nightlab.night.policy import ROBUST_GROUPS, NoiseMeter, judge, noise_width
+from nightlab.night.store import Store
+from nightlab.night.verdict import judge as verdict_judge
 
 SIGMA = 0.001  # run-to-run noise of the synthetic trainer (val_bpb)
 
@@ -121,3 +123,13 @@ def test_the_verdict_names_the_noise_estimator():
     floor = NoiseMeter(floor=0.0005)
     floor.add([1.0, 1.0])
     assert floor.width == 0.0005 and floor.estimator.startswith("the floor run.noise_floor")
+
+
+def test_a_verdict_never_compares_runs_under_different_budgets(tmp_path):
+    with Store(tmp_path / "store.db") as store:
+        reference = store.add_experiment("t", kind="baseline", budget="300s", status="keep", val_bpb=1.0)
+        candidate = store.add_experiment("t", budget="2000000 tokens", val_bpb=0.5)
+        verdict = verdict_judge(None, candidate, reference)  # decided before any measurement is read
+    assert verdict.decision == "discard"
+    assert verdict.reason.startswith("not comparable: trained under a budget of 2000000 tokens, its reference #1 "
+                                     "under 300s")
