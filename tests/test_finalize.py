@@ -18,6 +18,7 @@ from nightlab.cli import main
 from nightlab.night import finalize, holdout
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import Store
+from nightlab.report.data import load_night
 from nightlab.report.write import write_report
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, tmp_path, capsys
         rows = {e.description: e for e in store.experiments()}
         assert [rows[d].status for d in ("baseline", "sharper unigram", "shorter docstring")] == ["keep"] * 3
         for e in rows.values():
-            scored = [m.holdout_bpb for m in store.measurements(e.id)]
+            scored = [m.holdout_bpb for m in store.measurements(e.id) if m.status == "ok"]
             assert e.holdout_bpb == pytest.approx(sum(scored) / len(scored)) and None not in scored
         base, sharper = rows["baseline"], rows["sharper unigram"]
         assert sharper.holdout_bpb < base.holdout_bpb - 0.05  # the real gain carries to the holdout
@@ -125,6 +126,8 @@ def test_finalize_flags_the_null_keep_and_prunes_it(lab_dir, data_dir, capsys):
     assert len(pruned) == 1 and pruned[0].status == "ok" and pruned[0].holdout_bpb is not None
     assert pruned[0].val_bpb == pytest.approx(real.val_bpb)
     assert all(c.status == "ok" and c.holdout_bpb is not None for c in checks)
+    costs = {row.id: (val, held) for row, val, held in load_night(lab_dir).ablations()}  # what the report shows
+    assert costs[real.id][0] > 0.1 and costs[real.id][1] > 0.1 and costs[null.id] == (0.0, 0.0)
 
 
 def test_finalize_without_keeps_or_with_an_unknown_tag_is_one_line(tmp_path, data_dir, capsys):

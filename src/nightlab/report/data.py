@@ -18,7 +18,7 @@ from pathlib import Path
 from nightlab.config import RunConfig
 from nightlab.paths import state_dir
 from nightlab.night import git, holdout, policy
-from nightlab.night.store import FAILED, FINISHED, Experiment, Measurement, Run, Store
+from nightlab.night.store import FAILED, FINISHED, Check, Experiment, Measurement, Run, Store
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,6 +122,7 @@ class Night:
     run: Run
     rows: list[Row]
     noise: Noise
+    checks: list[Check] = field(default_factory=list)  # trials after the verdicts: finalize's ablations, scale
     _diffs: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -146,6 +147,27 @@ class Night:
         """The night's val gain against its holdout gain, with the overfitting alarm; None until both are scored."""
         baseline, best = self.baseline, self.best
         return holdout.carry(baseline.exp if baseline else None, best.exp if best else None)
+
+    def ablations(self) -> list[tuple[Row, float | None, float | None]]:
+        """``nightlab finalize``'s latest measurement of each keep: (keep, val_bpb and holdout cost of
+        reverting it from the best, mean over seeds; positive: the keep helps). Empty before it ran."""
+        best = max((c.best_id for c in self.checks if c.kind == "ablation"), default=None)
+        mine = [c for c in self.checks if c.kind == "ablation" and c.best_id == best and c.status == "ok"]
+
+        def mean(keep_id: int, name: str) -> float | None:
+            values = [getattr(c, name) for c in mine if c.keep_id == keep_id and getattr(c, name) is not None]
+            return sum(values) / len(values) if values else None
+
+        out = []
+        for row in self.kept:
+            if row.exp.kind == "baseline" or not any(c.keep_id == row.id for c in mine):
+                continue
+            costs = []
+            for name in ("val_bpb", "holdout_bpb"):
+                without, kept = mean(row.id, name), mean(0, name)
+                costs.append(without - kept if without is not None and kept is not None else None)
+            out.append((row, costs[0], costs[1]))
+        return out
 
     def holdout_chain(self) -> list[Row]:
         """The kept chain (the baseline, then each keep) with its holdout scored, in order."""
@@ -191,12 +213,13 @@ def load_night(lab_dir: Path | str, run_tag: str | None = None, store: Store | N
         run = pick_run(store, run_tag, lab_dir)
         experiments = store.experiments(run.tag)
         measurements = {e.id: store.measurements(e.id) for e in experiments}
+        checks = store.checks(run.tag)
         rules = run_rules(run)
     finally:
         if own:
             store.close()
     rows = build_rows(lab_dir, experiments, measurements)
-    return Night(lab_dir, run, rows, measure_noise(rows, measurements, rules))
+    return Night(lab_dir, run, rows, measure_noise(rows, measurements, rules), checks)
 
 
 def pick_run(store: Store, run_tag: str | None, lab_dir: Path) -> Run:
