@@ -23,3 +23,19 @@ def test_each_new_best_is_trained_at_the_larger_budget_and_marked(tmp_path: Path
     assert scale[sharper.id].val_bpb < scale[base.id].val_bpb
     assert sharper.status == "keep" and sharper.at_scale == "holds" and base.at_scale == ""
     assert "budget 1.5 s" in (Path(scale[sharper.id].run_dir) / "train.log").read_text()
+
+
+def test_with_several_workers_promotions_run_beside_the_night(tmp_path: Path) -> None:
+    from nightlab.night.store import Store
+    from nightlab.sim import simulate
+
+    result = simulate.run("t", tmp_path / "lab", experiments=24, workers=2, seconds=0.05,
+                          overrides=["run.promote_budget_s=600"])
+    keeps = [e for e in result.rows if e.status == "keep"]
+    with Store.open(tmp_path / "lab") as store:
+        scale = {c.best_id: c for c in store.checks("t", "scale")}
+    assert len(keeps) > 2 and sorted(scale) == [e.id for e in keeps]  # every best, once
+    assert all(c.status == "ok" and c.budget_s == 600 and c.holdout_bpb is not None for c in scale.values())
+    assert all(e.at_scale in ("holds", "fails") for e in keeps if e.kind == "experiment")
+    last = max(e.finished_at for e in result.rows if e.kind == "experiment")
+    assert min(c.created_at for c in scale.values()) < last  # trained while the night went on
