@@ -43,7 +43,7 @@ from nightlab.trial.runner import runs_processes
 from nightlab.trial.standby import files_in
 
 VIEW_DIR = "holdout"  # in .nightlab/: the folder through which the judge reads the holdout
-WORKTREE = "holdout"  # the worktree a kept commit's train.py is imported from
+WORKTREE = "holdout"  # the worktree a kept commit's allowed files are copied from for the judge
 SCORE_DIR = "holdout"  # in a trial's run folder: the holdout's eval.json and eval.log
 SPLIT_FILES = ("tokens", "docs")
 
@@ -162,8 +162,12 @@ def score(lab: Lab, exp: Experiment) -> Experiment:
 
 
 def catch_up(lab: Lab) -> None:
-    """Score the holdout of the run's keeps that a killed night left unscored."""
+    """Score the holdout of the run's keeps that a killed night left unscored (and say so once when
+    the dataset has no holdout to score)."""
     if scorer(lab) is None:
+        if lab.holdout is None and runs_processes(lab.trainer):
+            lab.say(f"the dataset {lab.data_dir} has no holdout split: keeps are not scored on one; "
+                    "`nightlab prepare` adds it")
         return
     for exp in lab.store.select(lab.run.tag, statuses=("keep",)):
         if exp.holdout_bpb is None:
