@@ -96,29 +96,32 @@ class LocalSearch:
                             "widen search.constants or use search.mode = \"global\"")
 
     def _candidates(self, constants: dict[str, Constant], rng: random.Random, widen: float) -> list[list[Move]]:
-        """Moves in the order to try them: Thompson samples of each direction's record, shapes weighted down."""
+        """Moves in the order to try them, by a Thompson draw from each direction's record: in about
+        ``SHAPE_SHARE`` of the turns the shape-changing constants come first, else the others (and,
+        ``GROUP_CHANCE`` of the time, a group of interacting ones moved together before them)."""
         shapes_first = rng.random() < SHAPE_SHARE
         scored = []
         for key, c in constants.items():
             for direction in (UP, DOWN):
-                arm = self._arm(key)
-                wins = sum(arm[direction])
-                draw = rng.betavariate(1 + wins, 1 + len(arm[direction]) - wins)
-                move = _move(c, direction, arm["step"] ** widen)
+                move = _move(c, direction, self._arm(key)["step"] ** widen)
                 if move is not None:  # this turn's kind (shape or not) first, the other kind after it
-                    scored.append((draw + (is_shape(key) == shapes_first), [move]))
+                    scored.append((self._draw(rng, key, direction) + (is_shape(key) == shapes_first), [move]))
         if not shapes_first and rng.random() < GROUP_CHANCE:
             for group in INTERACTIONS:
-                if all(k in constants and not is_shape(k) for k in group):
-                    for direction in (UP, DOWN):
-                        moves = [_move(constants[k], direction, self._arm(k)["step"] ** widen) for k in group]
-                        if all(moves):
-                            draws = [rng.betavariate(1 + sum(self._arm(k)[direction]),
-                                                     1 + len(self._arm(k)[direction]) - sum(self._arm(k)[direction]))
-                                     for k in group]
-                            scored.append((2.0 + sum(draws) / len(draws), moves))  # drawn first this time
+                if not all(k in constants and not is_shape(k) for k in group):
+                    continue
+                for direction in (UP, DOWN):
+                    moves = [_move(constants[k], direction, self._arm(k)["step"] ** widen) for k in group]
+                    if all(moves):
+                        draw = sum(self._draw(rng, k, direction) for k in group) / len(group)
+                        scored.append((2.0 + draw, moves))  # ahead of every single move this turn
         scored.sort(key=lambda item: -item[0])
         return [moves for _, moves in scored]
+
+    def _draw(self, rng: random.Random, key: str, direction: str) -> float:
+        """A draw from the Beta posterior of how often moving ``key`` that way wins."""
+        record = self._arm(key)[direction]
+        return rng.betavariate(1 + sum(record), 1 + len(record) - sum(record))
 
     def _why(self, moves: list[Move]) -> str:
         if len(moves) > 1:
@@ -135,7 +138,8 @@ class LocalSearch:
                 break
             streak += 1
         if streak:
-            said = f"the last {'two ' if streak == 2 else f'{streak} ' if streak > 2 else ''}{noun}{'s' if streak > 1 else ''} won"
+            count = {1: "", 2: "two "}.get(streak, f"{streak} ")
+            said = f"the last {count}{noun}{'s' if streak > 1 else ''} won"
         elif not record and other and other[-1] == LOSS:
             said = f"the last {other_noun} lost"
         elif not record:
