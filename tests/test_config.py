@@ -47,8 +47,8 @@ def test_a_bad_setting_is_an_error_that_names_it(assignment: str, named: str) ->
         ("run.hours=nan", "run.hours must be 0 or more (a finite number), got nan"),
         ("lab.eval_seq_len=1", "lab.eval_seq_len must be at least 2 tokens, got 1"),
         ("lab.eval_max_tokens=-5", "lab.eval_max_tokens must be 0 (the whole split) or more, got -5"),
-        ("lab.num_shards=0", "lab.num_shards must be between 1 and 6542, got 0"),
-        ("lab.num_shards=6543", "lab.num_shards must be between 1 and 6542, got 6543"),
+        ("lab.num_shards=0", "lab.num_shards must be between 1 and 6541, got 0"),
+        ("lab.num_shards=6542", "lab.num_shards must be between 1 and 6541, got 6542"),  # 6541: the holdout shard
         ('lab.device="gpu"', "lab.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ('lab.device="cuda:x"', "lab.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
         ("lab.vocab_size=8192.9", "vocab_size = 8192.9 is not a valid int (a whole number)"),
