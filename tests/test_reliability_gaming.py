@@ -51,7 +51,8 @@ def test_gaming_attempts_are_detected_or_harmless(tmp_path, data_dir):
     assert "experiment #1 in the store (restored)" in store and "measurements of #" in store
     # Open without the sandbox (bench/RELIABILITY.md): a note written into notes/ and work done before the timer.
     lab_edit = got["edits the lab's program.md, nightlab.toml and notes while training"]
-    assert lab_edit.status == "invalid" and lab_edit.detail.startswith("invalid; changed notes/injected.md")
+    assert lab_edit.status == "invalid" and lab_edit.detail.startswith("invalid; changed notes/")
+    assert "notes/injected.md" in lab_edit.detail
     assert "program.md" not in lab_edit.detail and "nightlab.toml" not in lab_edit.detail  # these were put back
     assert got["trains before its timer starts"].outcome == "NOT DEFENDED"
     assert audit.breaches() == []

@@ -227,7 +227,7 @@ class AttackProposer:
 def run_attacks(work: Path, data_dir: Path, attacks: list[Attack] | None = None, sandbox: str = "none",
                 say=print) -> tuple[list[Outcome], Audit]:
     attacks = ATTACKS if attacks is None else attacks
-    toml = lab_toml(allowance_s=8.0, baseline_runs=1, confirm_runs=0, policy="greedy")
+    toml = lab_toml(allowance_s=20.0, baseline_runs=1, confirm_runs=0, policy="greedy")  # a loaded CPU: no false timeouts
     lab_dir = make_lab(work / "lab", toml.replace("[lab]\n", f'[lab]\nsandbox = "{sandbox}"\n'), train_py(SHARPNESS=0.5))
     before = _lab_files(lab_dir)
     steps = [(HONEST, _step(HONEST, train_py(SHARPNESS=1.0), None))]

@@ -110,6 +110,7 @@ class ModelProcess:
         """fp32 logits ``[B, T, V]`` (a torch.Tensor) for ``tokens`` ``[B, T]`` (``mode``: ``probe`` in
         fp32, ``score`` under the device's autocast); ``InvalidModel`` for a broken rule or a late answer."""
         import torch  # deferred: heavy, and the model process is started before the scorer imports it
+
         batch, length = tokens.shape
         if limit_s is None:
             rate = self.per_token_s if self.per_token_s is not None else STARTUP_S / (batch * length)
@@ -122,7 +123,11 @@ class ModelProcess:
                    np.ascontiguousarray(tokens, dtype=np.int64).tobytes(), deadline)
         reply, payload = self._receive(deadline, what)
         if "need" in reply:  # CUDA: a buffer this size first
-            self._share_buffer(int(reply["need"]), deadline)
+            most = batch * length * (self.vocab_size + MAX_VOCAB_PADDING)
+            if not isinstance(reply["need"], int) or not 0 < reply["need"] <= most:
+                raise InvalidModel(f"the model process asked for a logits buffer of {reply['need']} values; "
+                                   f"windows of shape [{batch}, {length}] need at most {most}")
+            self._share_buffer(reply["need"], deadline)
             reply, payload = self._receive(deadline, what)
         self._raise_for(reply)
         shape = reply.get("shape")
