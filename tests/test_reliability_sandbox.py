@@ -167,7 +167,10 @@ def test_a_cli_agent_runs_under_bwrap_through_its_command_template(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "train.py").write_text("LR = 0.01  # learning rate\n")
-    template = (f"bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind {{workdir}} {{workdir}} "
+    # sys.prefix and the checkout bound again: the private /tmp would hide them where they lie under /tmp
+    template = (f"bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --ro-bind {sys.prefix} {sys.prefix} "
+                f"--ro-bind {ROOT} {ROOT} "
+                f"--bind {{workdir}} {{workdir}} "
                 f"--bind {{tmpdir}} {{tmpdir}} --unshare-pid --die-with-parent --chdir {{workdir}} "
                 f"{sys.executable} {agent} describe {{tmpdir}}/evidence.json {{prompt_file}}")
     proposal = CliProposer(CliAgentConfig(preset="custom", command=template, timeout_s=30)).propose(

@@ -147,6 +147,8 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list
     check_available("bwrap")
     args = ["bwrap", "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--unshare-pid", "--die-with-parent"]
+    for path in _python_under_tmp():  # a virtual environment in /tmp: the private /tmp would hide it
+        args += ["--ro-bind", str(path), str(path)]
     for path in readable:
         args += ["--ro-bind", str(path), str(path)]
     for path in writable:
@@ -158,6 +160,16 @@ def bwrap(command: list[str], *, cwd: Path, writable: list[Path], readable: list
             if (real / name).is_file():
                 args += ["--ro-bind", str(real / name), str(real / name)]
     return [*args, "--chdir", str(cwd), "--", *command]
+
+
+def _python_under_tmp() -> list[Path]:
+    """The interpreter's folders and its import path (site-packages, an editable install's source)
+    that lie under ``/tmp``, outermost first, so the sandbox can bind them back read-only."""
+    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).parent}
+    roots |= {Path(p) for p in sys.path if p and Path(p).is_dir()}
+    roots |= {Path(__file__).resolve().parents[2]}  # the folder nightlab is imported from
+    under = [r.resolve() for r in roots if r.resolve().is_relative_to("/tmp") and r.resolve() != Path("/tmp")]
+    return sorted(set(under), key=lambda p: len(p.parts))
 
 
 # -- processes that escaped the trial's group ----------------------------------------------------
