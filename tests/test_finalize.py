@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from fixtures.standin.helpers import STANDIN, constant_step, git, lab_toml, make
 
 from nightlab.agents.scripted import ScriptedProposer
 from nightlab.cli import main
-from nightlab.night import finalize, holdout
+from nightlab.night import holdout
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import Store
 from nightlab.report.data import load_night
@@ -59,7 +60,7 @@ def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, tmp_path, capsys
         carried = holdout.carry(base, rows["shorter docstring"])
         assert carried is not None and not carried.alarm and carried.holdout_gain > carried.val_gain / 2
     assert main(["status", "--json", "--lab", str(lab_dir)]) == 0
-    status = __import__("json").loads(capsys.readouterr().out)
+    status = json.loads(capsys.readouterr().out)
     assert status["best"]["holdout_bpb"] == pytest.approx(rows["shorter docstring"].holdout_bpb)
     assert status["overfitting"] is False and "holdout gain" in status["holdout"]
     # the report draws val and holdout along the kept chain; results.tsv keeps autoresearch's columns
