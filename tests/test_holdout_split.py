@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nightlab.lab import climbmix, datasets, pycode
-from nightlab.lab.shards import SPLITS, iter_text_batches, shard_paths
+from nightlab.lab.shards import SPLITS, TextIndex, iter_text_batches, shard_paths
 
 VOCAB = 300
 
@@ -147,3 +147,30 @@ def test_the_simulators_holdout_is_the_true_value_with_noise_of_its_own() -> Non
     assert abs(np.mean(held) - surface.floor) < 4 * SEED_NOISE / 20 and abs(np.std(held) - SEED_NOISE) < 2e-4
     assert abs(np.corrcoef(val, held)[0, 1]) < 0.15  # drawn apart from the val measurement
     assert surface.expected(source.replace("0.01", "0.02")) == surface.floor  # flat: no change does anything
+
+
+def test_offline_a_climbmix_folder_prepared_before_stays_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    home = tmp_path / "home"
+    fake_downloads(home, [0, climbmix.LAST_SHARD])  # no holdout shard downloaded, and no network
+    monkeypatch.setattr(climbmix, "build", lambda n, text_dir, downloads, progress=True: _old_index(n, text_dir, downloads))
+    directory = datasets.prepare("climbmix", VOCAB, num_shards=1, home=home, progress=False)
+    manifest = (directory / "manifest.json").read_text()
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(datasets.DatasetError, match="shard_06541"):
+        datasets.prepare("climbmix", VOCAB, num_shards=1, home=home, progress=False)
+    assert (directory / "manifest.json").read_text() == manifest  # still ready, as it was
+    assert datasets.open_prepared("climbmix", VOCAB, 1, home=home).dir == directory
+
+
+def _old_index(num_shards: int, text_dir: Path, downloads: Path):
+    """What ``climbmix.build`` wrote before the holdout existed: train and val only."""
+    train, val = climbmix.shard_names(num_shards)
+    sources = []
+    for i, name in enumerate(train + [val]):
+        split = "val" if name == val else "train"
+        climbmix.link(downloads / name, text_dir / ("val-00000.parquet" if split == "val" else f"train-{i:05d}.parquet"))
+        sources.append({"name": name, "sha256": "0" * 64, "bytes": 0, "split": split})
+    return TextIndex(sources=sources, split=climbmix.SPLIT_RULE, corpus_hash="0" * 16, details={"num_shards": num_shards})

@@ -225,9 +225,10 @@ def _add_holdout(index: TextIndex, directory: Path, home: Path, progress: bool) 
     train and val splits, the tokenizer and the corpus hash stay as they are."""
     _say(progress, f"{directory.name}: adding the sealed holdout split ({climbmix.HOLDOUT_RULE}); "
                    "train, val, the tokenizer and the corpus hash stay as they are")
-    _remove(directory, [f"holdout.{kind}.npy" for kind in ("tokens", "docs")] + [MANIFEST_FILE])
     text_dir = directory / TEXT_DIR
+    # Downloaded and linked first: offline, the folder stays usable as it was (the error says so).
     index = climbmix.add_holdout(index, text_dir, home / "downloads" / "climbmix", progress=progress)
+    _remove(directory, [f"holdout.{kind}.npy" for kind in ("tokens", "docs")] + [MANIFEST_FILE])
     index.save(text_dir)  # after the shard is linked: a kill before leaves the old index, and this runs again
     return index
 
