@@ -145,7 +145,7 @@ def fault_loop(work: Path, data_dir: Path, lock_s: float = 5.0, tmpfs: bool = Fa
     """Every fault of ``FAULT_STEPS`` in one loop, with a stale ``.git/index.lock`` in the lab."""
     started = time.monotonic()
     result = FaultRun()
-    lab_dir = make_lab(work / "lab", lab_toml(allowance_s=4.0, baseline_runs=1, confirm_runs=0, policy="greedy"),
+    lab_dir = make_lab(work / "lab", lab_toml(allowance_s=8.0, baseline_runs=1, confirm_runs=0, policy="greedy"),
                        train_py(SHARPNESS=0.5))
     (lab_dir / ".git" / "index.lock").write_text("")  # a git killed in the lab's own checkout long ago
     saved_grace = processes.TERM_GRACE_S

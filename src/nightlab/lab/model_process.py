@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nightlab.lab import reaper
+
 MAX_HEADER_BYTES = 1 << 20
 MANIFEST_KEYS = ("vocab_size", "bos_id", "corpus_hash")  # what the model process may know of the dataset
 
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-py", required=True, help="the train.py in this folder")
     parser.add_argument("--device", default="cpu", help="where the model runs (torch starts there while the scorer reads)")
     args = parser.parse_args(argv)
+    reaper.die_with_parent()  # a scorer that dies takes this process with it (if train.py undoes that, the
+    # runner's supervisor ends it and voids the trial)
     import torch  # deferred: heavy; imported now, before the weights arrive, so it overlaps the scorer's start
 
     if args.device.startswith("cuda"):

@@ -17,7 +17,7 @@ import sys
 
 import psutil
 
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 KILL_WAIT_S = 5.0
 
 
@@ -93,10 +93,19 @@ def kill(procs: list[psutil.Process]) -> list[str]:
 
 def become_subreaper() -> bool:
     """Make this process adopt its orphaned descendants (Linux ``prctl``); False where unsupported."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent exits (Linux ``prctl``); False where unsupported."""
+    return _prctl(PR_SET_PDEATHSIG, 9)
+
+
+def _prctl(option: int, value: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc.prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ TRIAL_STATUSES = ("ok", "crash", "timeout", "invalid")
 LOG_TAIL_LINES = 50
 POLL_S = 0.1
 STANDBY_FILE = "standby.json"  # in a run folder whose trial was started early by a standby
+BWRAP_SIGNALED = 128
 SUPERVISOR_GRACE_SHARE = 0.8  # the supervisor kills everything this far into the runner's SIGTERM grace
 DISK_FULL_BYTES = 1 << 20  # less free space than this after a crash: say the disk is full
 
@@ -141,6 +142,8 @@ def run_trial(
         (run_dir / STANDBY_FILE).write_text(json.dumps({"startup_s": round(waiting.startup_s, 2)}) + "\n")
     else:
         escaped_early = []
+    if mode == "bwrap" and train.returncode is not None and train.returncode > BWRAP_SIGNALED:
+        train = replace(train, returncode=BWRAP_SIGNALED - train.returncode)  # bwrap exits 128 + N for signal N
     summary = with_epochs(_read_json(run_dir / "summary.json"), data_dir)
     log_tail = _tail(train_log)
     base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
@@ -206,7 +209,8 @@ def run_trial(
         return _done(started, status="invalid", error=_tail(eval_log), **{**base, "eval": {}},
                      reason="eval.json was not written by the evaluator (it lacks this evaluation's token): "
                             "the evaluated train.py wrote its own result")
-    if escaped := evaluation.survivors + sandbox.escaped(run_dir):
+    escaped = evaluation.survivors + sandbox.escaped(run_dir)  # killed by now
+    if escaped and report:  # (a scorer that died leaves its model process behind: its crash is the verdict)
         return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),
                      error=_tail(eval_log), **base)
     return _done(started, **base, **_judge(evaluation, report, eval_log, config.lab.eval_timeout_s))
