@@ -175,17 +175,7 @@ def run_trial(
     eval_out, eval_log = run_dir / "eval.json", run_dir / "eval.log"
     eval_out.unlink(missing_ok=True)
     judged = Path(tempfile.mkdtemp(prefix="nightlab-judged-"))  # outside the worktree and the lab
-    for name, data in source.items():
-        (judged / name).parent.mkdir(parents=True, exist_ok=True)
-        (judged / name).write_bytes(data)
-    command = [
-        sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(judged / "train.py"),
-        "--files", *[n for n in source if n != "train.py"], "--weights", str(weights), "--weights-sha256", digest,
-        "--data", str(data_dir), "--out", str(eval_out), "--device", device, "--preset", preset,
-        "--seq-len", str(config.lab.eval_seq_len), "--sandbox", mode, "--token-stdin",
-    ]
-    if config.lab.eval_max_tokens > 0:
-        command += ["--max-tokens", str(config.lab.eval_max_tokens)]
+    command = judge_command(source, judged, weights, digest, data_dir, eval_out, config, device, preset, mode)
     if standby is not None:
         standby.pause()  # the next trial's code stays still while this one is scored
     # The scorer writes this into eval.json: an eval.json without it was written by someone else.
@@ -214,6 +204,27 @@ def run_trial(
         return _done(started, status="invalid", reason=_escaped_reason("the evaluated train.py", escaped),
                      error=_tail(eval_log), **base)
     return _done(started, **base, **_judge(evaluation, report, eval_log, config.lab.eval_timeout_s))
+
+
+def judge_command(source: dict[str, bytes], folder: Path, weights: Path, weights_sha256: str, data_dir: Path,
+                  out: Path, config: Config, device: str, preset: str, sandbox_mode: str) -> list[str]:
+    """The trusted evaluator's command line, for the split in ``data_dir`` (its ``val.*``: a folder
+    whose ``val.*`` are the holdout's scores the holdout): the allowed files ``source`` (path ->
+    content, as they were before training) are written into ``folder``, outside the worktree; the
+    scorer reads a token on stdin (``--token-stdin``) and runs as ``python -I`` (run it with ``folder``
+    as its working folder)."""
+    for name, data in source.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    command = [
+        sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(folder / "train.py"),
+        "--files", *[n for n in source if n != "train.py"], "--weights", str(weights), "--weights-sha256",
+        weights_sha256, "--data", str(data_dir), "--out", str(out), "--device", device, "--preset", preset,
+        "--seq-len", str(config.lab.eval_seq_len), "--sandbox", sandbox_mode, "--token-stdin",
+    ]
+    if config.lab.eval_max_tokens > 0:
+        command += ["--max-tokens", str(config.lab.eval_max_tokens)]
+    return command
 
 
 def _judge(evaluation: _Stage, report: dict[str, Any], eval_log: Path, timeout_s: float) -> dict[str, Any]:
