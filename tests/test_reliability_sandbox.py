@@ -66,9 +66,8 @@ def test_without_the_sandbox_a_determined_train_py_still_reaches_val_and_writes_
                                                                                        monkeypatch):
     result, probes, outside = _probe(tmp_path, data_dir, "none", monkeypatch)
     assert result.status == "ok", result.reason
-    # The view's train split is a hard link now: following it no longer leads to the cache's folder.
-    # A train.py that knows the cache's path still reads val there: that is what the sandbox is for.
-    assert probes["read_val"] == "refused: No such file or directory"
+    # The view's train split links into the cache's folder, where val lies: that is what the sandbox is for.
+    assert probes["read_val"] is True
     assert probes["write_outside"] is True and outside.exists()
 
 
@@ -184,3 +183,15 @@ def test_a_cli_agent_runs_under_bwrap_through_its_command_template(tmp_path):
         done = subprocess.run([*argv[:-5], "sh", "-c", f"echo x >> {lab_file}"], capture_output=True, text=True)
         assert done.returncode != 0 and "Read-only file system" in done.stderr, done.stderr  # the lab stays read-only
         assert lab_file.read_text() == "the brief\n"
+
+
+def test_a_view_made_for_another_trial_is_not_a_write_to_the_dataset(tmp_path, data_dir):
+    cache = tmp_path / "cache"  # a copy: the write below must not reach the other tests' dataset
+    shutil.copytree(data_dir, cache)
+    # A standby, or another worker, makes its own view while this trial trains: not a write.
+    before = sandbox.fingerprint(cache)
+    sandbox.train_view(cache, tmp_path / "other-trial")
+    assert sandbox.changed(cache, before) == []
+    with (tmp_path / "other-trial" / "data" / "train.tokens.npy").open("r+b") as f:  # through the link
+        f.write(b"\0\0")
+    assert "train.tokens.npy" in sandbox.changed(cache, before)

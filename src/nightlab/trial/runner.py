@@ -100,7 +100,7 @@ def run_trial(
     preset = resolve_preset(config.lab.preset, device)
     extra_env = dict(env or {})
     mode = sandbox.resolve(config.lab.sandbox)
-    view = sandbox.train_view(data_dir, run_dir, hard_links=mode != "bwrap")  # training never gets val.* or holdout.*
+    view = sandbox.train_view(data_dir, run_dir)  # training never gets val.* or holdout.*
     pycache.fill()  # once per machine and version, in the background
     env = {**train_env(config, run_dir, view, seed, device, preset), **extra_env}
     started = time.monotonic()

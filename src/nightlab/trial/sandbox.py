@@ -5,10 +5,11 @@ Always on:
 - ``train_view``: ``train.py`` is handed a dataset folder holding only what training needs
   (``TRAIN_FILES``: the train split, the tokenizer, the token byte counts, the manifest), never
   the validation split, the sealed holdout or the text shards. The small files are copies; the
-  train split is a hard link where the file system allows (else a symbolic link), so the view
-  does not name the cache's folder. ``fingerprint`` / ``changed`` catch a trial that wrote the
-  shared dataset cache anyway (a link is writable): size, modification and change times of every
-  file, taken before training and compared before scoring.
+  train split is a symbolic link into the cache (not a hard link: making one changes the file's
+  change time, which a trial beside it, a standby or another worker's, would take for a write).
+  ``fingerprint`` / ``changed`` catch a trial that wrote the shared dataset cache anyway (a link is
+  writable without the sandbox): size, modification and change times of every file, taken
+  before training and compared before scoring.
 - ``escaped``: processes that left the trial's process group (a new session, a daemon) but still
   carry its ``NIGHTLAB_OUT`` are found (psutil) and killed after each stage; the trial is
   ``invalid``. The runner also follows every stage's session and descendants
@@ -62,12 +63,9 @@ class SandboxError(RuntimeError):
 # -- the training data view --------------------------------------------------------------------
 
 
-def train_view(data_dir: Path, run_dir: Path, *, hard_links: bool = True) -> Path:
+def train_view(data_dir: Path, run_dir: Path) -> Path:
     """``run_dir/data``: what training may read of ``data_dir`` (``TRAIN_FILES``), nothing else.
-
-    Under bubblewrap pass ``hard_links=False``: a symbolic link leads into the read-only dataset
-    folder, where a hard link would be the same, writable, file under the writable run folder.
-    """
+    Under bubblewrap the links lead into the dataset folder mounted read-only with only these files."""
     view = run_dir / VIEW_DIR
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
@@ -78,12 +76,7 @@ def train_view(data_dir: Path, run_dir: Path, *, hard_links: bool = True) -> Pat
         if name not in LINKED:
             shutil.copyfile(source, view / name)
             continue
-        try:
-            if not hard_links:
-                raise OSError("symbolic link wanted")
-            os.link(source.resolve(), view / name)
-        except OSError:  # another file system, links not allowed, or a symbolic link wanted
-            (view / name).symlink_to(source.resolve())
+        (view / name).symlink_to(source.resolve())
     return view
 
 
