@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "--weights", str(weights), "--data", str(data), "--out", str(out), "--device", device,
                                    "--preset", preset, "--seq-len", str(args.seq_len),
                                    *(["--sandbox", args.sandbox] if args.sandbox != "none" else [])],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, check=False)
             wall = time.monotonic() - started
             result = json.loads(out.read_text()) if out.exists() else {}
             print(f"run {i}: status {result.get('status')}, eval_s {result.get('eval_s')}, wall {wall:.2f} s, "

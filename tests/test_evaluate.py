@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-
 from conftest import template_env
+
 from nightlab.lab import evaluate as ev
 from nightlab.lab import model_client
 from nightlab.lab import model_process as mp

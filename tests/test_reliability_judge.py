@@ -13,11 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fixtures.standin.helpers import make_dataset  # noqa: E402
-from nightlab.config import Config  # noqa: E402
-from nightlab.night.git import git  # noqa: E402
-from nightlab.trial.runner import run_trial  # noqa: E402
-from reliability.standins import train_py  # noqa: E402
+from fixtures.standin.helpers import make_dataset
+from reliability.standins import train_py
+
+from nightlab.config import Config
+from nightlab.night.git import git
+from nightlab.trial.runner import run_trial
 
 # attack fragment -> (status, words the reason must hold); "ok" means harmless: the honest score
 ATTACKS = {

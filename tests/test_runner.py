@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fixtures.standin.helpers import STANDIN, make_dataset, set_constant
+
 from nightlab.config import Config
 from nightlab.trial import processes, runner
 from nightlab.trial.processes import group_alive
