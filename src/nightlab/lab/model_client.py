@@ -42,6 +42,8 @@ from nightlab.lab.model_process import InvalidModel
 CALL_FLOOR_S = 10.0  # every answer may take this long, plus CALL_FACTOR times a warm-up call's time per token
 CALL_FACTOR = 5.0
 STARTUP_S = 120.0  # importing train.py, building the model, loading the weights
+STOP_GRACE_S = 10.0  # for the model process to end after "stop", before it is killed
+EXIT_GRACE_S = 5.0  # for what it started to be gone after it; a process still there then survived it
 MAX_LOGIT = 1e4  # |logit| above this is no language model's (and makes fp32 loss arithmetic inexact)
 MAX_VOCAB_PADDING = 4096  # logits may have this many columns beyond the vocabulary (a padded head)
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
@@ -221,10 +223,13 @@ class ModelProcess:
             except (InvalidModel, ModelProcessError, OSError):
                 pass
             try:
-                self.proc.wait(timeout=2.0)
+                self.proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                pass
-            survivors = self.tracker.survivors(exclude=(self.proc.pid,))
+                self.proc.kill()  # the model process itself, not a survivor: what it started is judged below
+            # On a busy machine what the process started (bubblewrap's inner process, compile workers)
+            # may still be on its way out: only what is still there after EXIT_GRACE_S is a survivor.
+            _gone, survivors = psutil.wait_procs(self.tracker.survivors(exclude=(self.proc.pid,)),
+                                                 timeout=EXIT_GRACE_S)
             extra = [p for p in _children() if p.pid != self.proc.pid] if self.subreaper else []  # orphans we adopted
             described = reaper.kill(survivors + [p for p in extra if p.pid not in {s.pid for s in survivors}])
             if self.proc.poll() is None:
