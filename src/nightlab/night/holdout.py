@@ -26,7 +26,6 @@ import math
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from nightlab.night.store import Experiment
 from nightlab.paths import state_dir
 from nightlab.trial import sandbox
 from nightlab.trial.processes import launch, stop_group, train_env
-from nightlab.trial.runner import runs_processes
+from nightlab.trial.runner import judge_command, runs_processes
 from nightlab.trial.standby import files_in
 
 VIEW_DIR = "holdout"  # in .nightlab/: the folder through which the judge reads the holdout
@@ -99,19 +98,9 @@ def judge(workdir: Path, run_dir: Path, config: Config, seed: int, *, holdout_di
         return None
     source = files_in(Path(workdir), config.lab.allowed_files)
     judged = Path(tempfile.mkdtemp(prefix="nightlab-holdout-"))  # outside the worktree and the lab
-    for name, data in source.items():
-        (judged / name).parent.mkdir(parents=True, exist_ok=True)
-        (judged / name).write_bytes(data)
     eval_out = out_dir / "eval.json"
-    command = [
-        sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(judged / "train.py"),
-        "--files", *[n for n in source if n != "train.py"], "--weights", str(weights),
-        "--weights-sha256", hashlib.sha256(weights.read_bytes()).hexdigest(), "--data", str(holdout_dir),
-        "--out", str(eval_out), "--device", device, "--preset", preset, "--seq-len", str(config.lab.eval_seq_len),
-        "--sandbox", sandbox.resolve(config.lab.sandbox), "--token-stdin",
-    ]
-    if config.lab.eval_max_tokens > 0:
-        command += ["--max-tokens", str(config.lab.eval_max_tokens)]
+    command = judge_command(source, judged, weights, hashlib.sha256(weights.read_bytes()).hexdigest(),
+                            Path(holdout_dir), eval_out, config, device, preset, sandbox.resolve(config.lab.sandbox))
     env = {k: v for k, v in train_env(config, out_dir, Path(data_dir), seed, device, preset).items()
            if k not in ("NIGHTLAB_DATA", "NIGHTLAB_OUT")}  # the scorer is told its paths on its command line
     token = secrets.token_hex(16)
