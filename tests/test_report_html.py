@@ -34,7 +34,7 @@ def report(night: SimulatedNight) -> ReportFiles:
 def test_files_land_in_the_lab_report_folder(night: SimulatedNight, report: ReportFiles) -> None:
     folder = night.lab / ".nightlab" / "report"
     assert {p.name for p in folder.iterdir()} == {"report.html", "report.md", "progress.png", "timeline.png",
-                                                 "results.tsv"}
+                                                 "holdout.png", "results.tsv"}
     assert report.html.parent == folder
     for png in (report.progress_png, report.timeline_png):
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

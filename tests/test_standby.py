@@ -196,14 +196,15 @@ def test_the_loop_runs_baseline_seeds_and_proposals_from_standbys(tmp_path, data
     lab = open_lab(lab_dir, data_dir)
     assert lab.config.lab.standby == "on"
     from nightlab.agents.scripted import ScriptedProposer
-    from nightlab.night.scheduler import run_single
+    from nightlab.night.scheduler import Researcher, Scheduler, Worker
 
     proposer = ScriptedProposer([constant_step("sharper", "SHARPNESS", 1.0), constant_step("noisier", "NOISE", 2.0)])
-    run_single(lab, proposer, max_experiments=2)
+    scheduler = Scheduler(lab, [Researcher(proposer.name, proposer)], [Worker(lab.worker, lab.trainer, device="cpu")])
+    scheduler.run(max_experiments=2)
     rows = {e.description: e for e in lab.experiments()}
     assert {d: e.status for d, e in rows.items()} == {"baseline": "keep", "sharper": "keep", "noisier": "discard"}, \
         [e.reason for e in rows.values()] + [m.reason for e in rows.values() for m in lab.store.measurements(e.id)]
-    held = lab.standby
+    held = scheduler.workers[0].standby
     assert held is not None and held.adopted >= 2  # the second baseline seed and the first proposal at least
     # Each adopted trial went through the gate after the trial before it had ended.
     summaries = sorted((json.loads(p.read_text()) for p in lab.runs_dir.rglob("summary.json")), key=lambda s: s["go_at"])
