@@ -268,7 +268,7 @@ def test_nightlab_run_with_an_org_on_one_device_uses_a_standby(tmp_path, data_di
     lab_dir = make_org_lab(tmp_path / "lab", train_py, {"researcher.md": RESEARCHER_MD, "reviewer.md": REVIEWER_MD},
                            lab_toml(baseline_runs=1, confirm_runs=0))
     assert main(["run", "--lab", str(lab_dir), "--data", str(data_dir), "--tag", "t", "--max-experiments", "2",
-                 "--set", 'lab.standby="on"']) == 0
+                 "--set", 'lab.standby="on"', "--set", 'lab.sandbox="none"']) == 0  # bubblewrap: no standby
     with Store.open(lab_dir) as store:
         rows = store.experiments("t")
     assert [(e.description, e.status, e.worker) for e in rows] == [
