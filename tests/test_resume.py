@@ -119,7 +119,10 @@ def test_ctrl_c_finishes_the_current_experiment_and_exits_cleanly(tmp_path, data
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "stopping after the current experiment" in out
-    _assert_consistent(lab_dir)  # the prepared "noisier" proposal never started
+    with Store.open(lab_dir) as store:  # "sharper" finished; the prepared "noisier" never started: --resume runs it
+        assert [(e.description, e.status) for e in store.experiments()] == [
+            ("baseline", "keep"), ("sharper", "keep"), ("noisier", "queued")]
+        assert store.measurements(3) == []
 
 
 def test_recover_restores_the_branch_and_refs_after_a_kill_between_writes(tmp_path, data_dir):

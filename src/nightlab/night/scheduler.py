@@ -163,6 +163,7 @@ class Scheduler:
         self.waiting: list[int] = []  # measured experiments waiting for the baseline's verdict
         self.begun: set[int] = set()  # experiments with a trial started in this run
         self.deadline = float("inf")  # no new experiment starts after it (``run(hours=...)``)
+        self.stop = threading.Event()  # set: no new experiment starts (``run(stop=...)``)
         self.promoting: deque[int] = deque()  # new bests to train at run.promote_budget_s (checks.promotions)
         self.over_budget = False  # the agents' cost reached run.max_cost_usd
 
@@ -172,6 +173,7 @@ class Scheduler:
             stop: threading.Event | None = None) -> list[Experiment]:
         """Experiments until ``max_experiments`` (counted over the run), ``hours`` or ``stop``."""
         lab, stop = self.lab, stop or threading.Event()
+        self.stop = stop
         started = time.monotonic()
         self.deadline = started + hours * 3600 if hours > 0 else float("inf")
         recovered = recover(lab)
@@ -206,13 +208,14 @@ class Scheduler:
                 if not stop.is_set():
                     while len(self.workers) > 1 and self.idle and self.promoting:  # beside the night
                         self._promote(self.idle.pop(0), self.promoting.popleft())
-                    while self.idle and (item := self._next_for(self.idle[0])) is not None:
-                        worker = self.idle.pop(0)
-                        exp_id, trial = item
-                        try:
-                            self._start(worker, exp_id, trial)
-                        except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
-                            self._failed(Trained(worker, exp_id, trial, Future()), e)
+                # after a stop only experiments under way get their remaining trials (_may_start)
+                while self.idle and (item := self._next_for(self.idle[0])) is not None:
+                    worker = self.idle.pop(0)
+                    exp_id, trial = item
+                    try:
+                        self._start(worker, exp_id, trial)
+                    except Exception as e:  # noqa: BLE001 -- the trial could not start: it crashed
+                        self._failed(Trained(worker, exp_id, trial, Future()), e)
                 while more() and len(self.ready) + self.asked < len(self.idle) + self.lookahead:
                     researcher = self._free_researcher()
                     if researcher is None:
@@ -222,12 +225,12 @@ class Scheduler:
                     counted += self.tally.rows - before  # a proposal that could not be asked for is a row
                 running = len(self.workers) - len(self.idle)
                 startable = any(self._may_start(item) for item in self.ready)
-                if not running and not self.asked and (stop.is_set() or not startable) and not more():
+                if not running and not self.asked and not startable and not more():
                     if self.ready:
                         lab.say(f"time is up: {len(self.ready)} queued experiment(s) left for the next run")
                     break
-                if not running and stop.is_set():
-                    break  # proposals still out are dropped, as the single loop drops its pending one
+                if not running and stop.is_set() and not startable:
+                    break  # proposals still out are dropped; queued experiments not begun wait for --resume
                 t = time.monotonic()
                 try:
                     event = self.events.get(timeout=POLL_S)
@@ -286,8 +289,9 @@ class Scheduler:
         return None
 
     def _may_start(self, item: tuple[int, Trial]) -> bool:
-        """Past the deadline no new experiment starts; one under way gets its remaining trials."""
-        return time.monotonic() < self.deadline or item[0] in self.begun or item[0] == self.baseline_id
+        """Past the deadline or after a stop no new experiment starts; one under way gets its remaining trials."""
+        under_way = item[0] in self.begun or item[0] == self.baseline_id
+        return under_way or (time.monotonic() < self.deadline and not self.stop.is_set())
 
     def _next_for(self, worker: Worker) -> tuple[int, Trial] | None:
         """The queued trial for ``worker`` (taken off the queue): the one its standby holds, if
