@@ -38,6 +38,12 @@ def _workdir(tmp_path: Path, **constants) -> Path:
     return work
 
 
+def _plant(work: Path, code: str) -> None:
+    """Put ``code`` into the stand-in's training, just before its timed sleep."""
+    path = work / "train.py"
+    path.write_text(path.read_text().replace("    time.sleep(SLEEP_S)\n", code + "    time.sleep(SLEEP_S)\n"))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -135,8 +141,7 @@ def test_what_training_leaves_in_the_worktree_or_the_dataset_voids_the_trial(tmp
     work = _workdir(tmp_path)
     plant = ("    (Path.cwd() / 'sitecustomize.py').write_text('import os')\n"
              "    (Path.cwd() / 'pkg').mkdir(exist_ok=True)\n    (Path.cwd() / 'pkg' / 'evil.pth').write_text('x')\n")
-    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", plant + "    time.sleep(SLEEP_S)\n")
-    (work / "train.py").write_text(text)
+    _plant(work, plant)
     result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
     assert result.status == "invalid" and "created files in the worktree" in result.reason, result.reason
     assert "sitecustomize.py" in result.reason and not (work / "sitecustomize.py").exists()
@@ -147,8 +152,7 @@ def test_what_training_leaves_in_the_worktree_or_the_dataset_voids_the_trial(tmp
     poison = "    (data / 'token_bytes.npy').write_bytes((data / 'token_bytes.npy').read_bytes())\n"  # the view's copy
     poison += "    os.utime(data / 'train.tokens.npy')\n    open(data / 'train.tokens.npy', 'ab').close()\n"
     poison += "    with open(data / 'train.tokens.npy', 'r+b') as f:\n        f.write(f.read(1))\n"
-    text = (work2 / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", poison + "    time.sleep(SLEEP_S)\n")
-    (work2 / "train.py").write_text(text)
+    _plant(work2, poison)
     result = run_trial(work2, tmp_path / "run2", _config(), 0, data_dir=shared)
     assert result.status == "invalid" and "wrote the shared dataset cache" in result.reason, result.reason
     assert "train.tokens.npy" in result.reason and "token_bytes.npy" not in result.reason  # a copy: harmless
@@ -157,8 +161,7 @@ def test_what_training_leaves_in_the_worktree_or_the_dataset_voids_the_trial(tmp
 def test_the_judge_scores_train_py_as_it_was_before_training(tmp_path, data_dir):
     work = _workdir(tmp_path)
     rewrite = "    Path(__file__).write_text(Path(__file__).read_text().replace('MODE = \"ok\"', 'MODE = \"leak\"'))\n"
-    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", rewrite + "    time.sleep(SLEEP_S)\n")
-    (work / "train.py").write_text(text)
+    _plant(work, rewrite)
     result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
     assert 'MODE = "leak"' in (work / "train.py").read_text()
     assert result.status == "ok", result.reason  # the leaking rewrite is not what gets judged
@@ -168,8 +171,7 @@ def test_a_daemon_with_a_clean_environment_voids_the_trial_and_is_killed(tmp_pat
     work = _workdir(tmp_path)
     daemon = ("    pid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True, "
               "env={}).pid\n    (out / 'child.pid').write_text(str(pid))\n")
-    text = (work / "train.py").read_text().replace("    time.sleep(SLEEP_S)\n", daemon + "    time.sleep(SLEEP_S)\n")
-    (work / "train.py").write_text(text)
+    _plant(work, daemon)
     result = run_trial(work, tmp_path / "run", _config(), 0, data_dir=data_dir)
     assert result.status == "invalid" and "left processes running after its stage" in result.reason, result.reason
     assert not _pid_alive(int((tmp_path / "run" / "child.pid").read_text()))
