@@ -148,6 +148,11 @@ def _repeats_in_a_row(lab: Lab, agent: str | None) -> int:
     return count
 
 
+def commit_message(description: str, rationale: str, tag: str) -> str:
+    """An experiment's commit message: what, why (if said), and the run it belongs to."""
+    return f"{description}\n\n{rationale}\n\nnightlab-run: {tag}\n".replace("\n\n\n", "\n\n")
+
+
 def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kind: str = "experiment",
           allowed: tuple[str, ...] | None = None, **extra: Any) -> Experiment:
     """Check the edit in ``work`` (a checkout of ``parent``), commit it and record the experiment.
@@ -188,8 +193,7 @@ def admit(lab: Lab, work: Path, parent: str, proposal: Proposal, agent: str, kin
                                            finished_at=now())
             lab.say(f"#{exp.id} refused: it repeats #{same.id}")
             return exp
-    message = f"{common['description']}\n\n{proposal.rationale}\n\nnightlab-run: {lab.run.tag}\n".replace("\n\n\n", "\n\n")
-    commit = git.commit_all(work, message)
+    commit = git.commit_all(work, commit_message(common["description"], proposal.rationale, lab.run.tag))
     stats = git.diff_stats(lab.dir, parent, commit)
     exp = lab.store.add_experiment(
         lab.run.tag, **common, commit_sha=commit, files_changed=len(stats.files), lines_added=stats.added,

@@ -9,7 +9,7 @@ import shutil
 
 from nightlab.night import policy
 from nightlab.night.policy import CONFLICT
-from nightlab.night.proposals import Proposal, admit
+from nightlab.night.proposals import Proposal, admit, commit_message
 from nightlab.night.state import Lab
 from nightlab.night.store import Experiment, now
 from nightlab.paths import state_dir
@@ -73,8 +73,7 @@ def rebase(lab: Lab, exp: Experiment) -> Experiment:
     work = lab.git.worktree(lab.dir, REAPPLY_WORKTREE, exp.commit_sha)
     if not lab.git.reapply(work, exp.parent_commit, exp.commit_sha, best) or not lab.git.changed_files(work):
         return exp
-    message = f"{exp.description}\n\n{exp.rationale}\n\nnightlab-run: {lab.run.tag}\n".replace("\n\n\n", "\n\n")
-    commit = lab.git.commit_all(work, message)
+    commit = lab.git.commit_all(work, commit_message(exp.description, exp.rationale, lab.run.tag))
     stats = lab.git.diff_stats(lab.dir, best, commit)
     exp = lab.store.update(exp.id, parent_commit=best, commit_sha=commit, files_changed=len(stats.files),
                            lines_added=stats.added, lines_removed=stats.removed, code_lines=lab.code_lines(commit))
