@@ -111,7 +111,7 @@ def test_prepare_flags_are_checked_before_any_work(tmp_path: Path, monkeypatch, 
     (books / "a.txt").write_text("A short book.\n" * 50)
     monkeypatch.chdir(tmp_path)
     for flags, named in ((["--vocab-size", "10"], "lab.vocab_size must be between 260 and 65535, got 10"),
-                         (["--num-shards", "0"], "lab.num_shards must be between 1 and 6542, got 0")):
+                         (["--num-shards", "0"], "lab.num_shards must be between 1 and 6541, got 0")):
         assert main(["prepare", "--dataset", f"local:{books}", *flags]) == 2
         assert named in capsys.readouterr().err
     assert not (tmp_path / "home").exists()

@@ -34,7 +34,8 @@ def test_trials_run_as_ray_tasks_and_their_files_come_back(tmp_path, local_ray):
     def sharper_reading_a_lab_file(worktree: Path) -> str:
         constant_step("sharper", "SHARPNESS", 1.0)(worktree)
         path = worktree / "train.py"
-        path.write_text('assert open("helper_data.txt").read().startswith("a lab file")\n' + path.read_text())
+        text = path.read_text()  # read while training (the judge's model process gets the allowed files only)
+        path.write_text(text.replace("def main():\n", 'def main():\n    assert open("helper_data.txt").read().startswith("a lab file")\n', 1))
         return "sharper"
 
     researcher = Researcher("a", ScriptedProposer([sharper_reading_a_lab_file,
