@@ -1,18 +1,24 @@
 """What the trusted judge costs on this machine: seconds to score the template's model.
 
     python bench/eval_cost.py [--device auto] [--val-tokens 1200000] [--seq-len 2048] [--repeats 2]
+                              [--check-shares 1,0.25] [--old-src PATH]
 
 Writes a synthetic validation split (uniform random tokens, the template's vocabulary) and random
 weights for the template's model into a temporary folder, then times ``nightlab.lab.evaluate``
 as the runner starts it (``python -I -m nightlab.lab.evaluate``: the scorer, and the model process
 it starts): the wall time of the whole command, and the ``eval_s`` it reports (from reading the
 split to the score). The GPU benchmark's split is 1.2 M tokens (bench/RESULTS.md).
+
+``--check-shares`` times the judge at each share of checked windows, and ``--old-src`` an older
+checkout's evaluator (its ``src`` folder, started with ``python -m`` and ``PYTHONPATH``), the
+configurations taking turns in each repeat so that they see the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -58,9 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sandbox", default="none", choices=("none", "bwrap"))
-    p.add_argument("--no-isolate", action="store_true",
-                   help="start it with `python -m` (PYTHONPATH honoured): to time an older checkout's evaluator")
+    p.add_argument("--check-shares", default="",
+                   help="comma-separated shares of the windows checked (default: the judge's own default)")
+    p.add_argument("--old-src", type=Path, default=None,
+                   help="an older checkout's src folder: its evaluator is timed too, started with python -m")
     args = p.parse_args(argv)
+    configs: list[tuple[str, list[str], dict[str, str]]] = [
+        (f"check_share {share}", ["-I", "-m", "nightlab.lab.evaluate", "--check-share", share], {})
+        for share in args.check_shares.split(",") if share
+    ] or [("default", ["-I", "-m", "nightlab.lab.evaluate"], {})]
+    if args.old_src is not None:
+        configs.append((f"old {args.old_src}", ["-m", "nightlab.lab.evaluate"],
+                        {"PYTHONPATH": str(args.old_src.resolve())}))
     device = resolve_device(args.device)
     preset = resolve_preset("auto", device)
     with tempfile.TemporaryDirectory(prefix="nightlab-eval-cost-") as tmp:
@@ -69,20 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
               f"preset {preset}, {args.val_tokens} val tokens, seq_len {args.seq_len}, sandbox {args.sandbox}")
         for i in range(args.repeats):
-            out = Path(tmp) / f"eval{i}.json"
-            started = time.monotonic()
-            isolate = [] if args.no_isolate else ["-I"]
-            done = subprocess.run([sys.executable, *isolate, "-m", "nightlab.lab.evaluate", "--train-py", str(TEMPLATE),
-                                   "--weights", str(weights), "--data", str(data), "--out", str(out), "--device", device,
-                                   "--preset", preset, "--seq-len", str(args.seq_len),
-                                   *(["--sandbox", args.sandbox] if args.sandbox != "none" else [])],
-                                  capture_output=True, text=True, check=False)
-            wall = time.monotonic() - started
-            result = json.loads(out.read_text()) if out.exists() else {}
-            print(f"run {i}: status {result.get('status')}, eval_s {result.get('eval_s')}, wall {wall:.2f} s, "
-                  f"val_bpb {result.get('val_bpb')}, stages {result.get('stages_s')}")
-            if result.get("status") != "ok":
-                print((result.get("reason") or done.stderr)[-3000:])
+            for name, command, env in configs:
+                out = Path(tmp) / f"eval{i}.json"
+                out.unlink(missing_ok=True)
+                started = time.monotonic()
+                done = subprocess.run([sys.executable, *command, "--train-py", str(TEMPLATE),
+                                       "--weights", str(weights), "--data", str(data), "--out", str(out),
+                                       "--device", device, "--preset", preset, "--seq-len", str(args.seq_len),
+                                       *(["--sandbox", args.sandbox] if args.sandbox != "none" else [])],
+                                      capture_output=True, text=True, check=False, env={**os.environ, **env})
+                wall = time.monotonic() - started
+                result = json.loads(out.read_text()) if out.exists() else {}
+                print(f"run {i} [{name}]: status {result.get('status')}, eval_s {result.get('eval_s')}, "
+                      f"wall {wall:.2f} s, val_bpb {result.get('val_bpb')}, "
+                      f"checked {result.get('checked_windows')}/{result.get('windows')}, stages {result.get('stages_s')}",
+                      flush=True)
+                if result.get("status") != "ok":
+                    print((result.get("reason") or done.stderr)[-3000:])
     return 0
 
 

@@ -401,9 +401,38 @@ def build_model():
     assert result["status"] == "invalid" and reason in result["reason"], result["reason"]
 
 
+def test_a_share_of_the_windows_is_checked_and_every_batch_holds_checked_rows() -> None:
+    """On a split of 600 windows the default share checks 150, drawn anew each run, each once;
+    every target is still scored once; and the checked windows' rows are spread so that every
+    batch holds some, whichever batch a model leaks in (the judge's bound: a leak in one batch of
+    eight caught with probability at least 0.99)."""
+    seq_len, n_windows, batch = 16, 600, 64
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, size=seq_len * n_windows + 1).astype(np.int64)
+    val = ev.ValSplit(tokens, np.ones(64, dtype=np.int64), 64, "t", {"vocab_size": 64})
+    chosen = []
+    for seed in range(40):
+        plan = ev.plan_scoring(val, seq_len, batch, 0, np.random.default_rng(seed), ev.CHECK_SHARE)
+        checked = np.flatnonzero(plan.cuts >= 0)
+        assert len(checked) == 150 and len(plan.spans) == n_windows
+        rows = np.concatenate([b.windows[b.checks] for b in plan.batches])
+        assert sorted(rows.tolist()) == checked.tolist()  # each checked window has one check row
+        scored = np.concatenate([b.windows[~b.checks] for b in plan.batches])
+        assert sorted(scored.tolist()) == list(range(n_windows))  # every window scored once
+        for b in plan.batches:
+            assert np.isin(b.windows, checked).any(), seed  # a leak in this batch would be seen
+        chosen.append(frozenset(checked.tolist()))
+    assert len(set(chosen)) == 40  # a model cannot learn which windows are checked
+    few = ev.plan_scoring(val, seq_len, batch, 40 * seq_len, np.random.default_rng(0), ev.CHECK_SHARE)
+    assert (few.cuts >= 0).all()  # fewer windows than MIN_CHECKS: every one is checked
+    small = ev.plan_scoring(val, seq_len, batch, 0, np.random.default_rng(0), 0.01)
+    assert (small.cuts >= 0).sum() == ev.MIN_CHECKS
+
+
 def test_a_leak_in_one_scoring_batch_of_eight_is_always_caught(tmp_path: Path, data: Path, weights: Path) -> None:
-    """Every window is checked, in batches that mix windows and checks: a model that leaks in a
-    single batch of the scoring pass, whichever it is, is caught."""
+    """A split of fewer than MIN_CHECKS windows has every window checked, in batches that mix
+    windows and checks: a model that leaks in a single batch of the scoring pass, whichever it
+    is, is caught."""
     toy_weights(weights)
     for leaky_call in (1, 8):
         calls = 1 + 2 * ev.PROBE_WINDOWS + leaky_call  # the warm-up, the probe's calls, then scoring calls

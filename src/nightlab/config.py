@@ -49,6 +49,7 @@ class LabConfig:
     startup_allowance_s: float = 180.0  # hard cap = budget + this (startup, compilation, saving)
     eval_timeout_s: float = 600.0  # hard cap on the trusted evaluation
     eval_max_tokens: int = 0  # 0 = the whole validation split; set for quick CPU labs
+    eval_check_share: float = 0.25  # windows the judge scores twice to catch a leak of later tokens (1.0 = all; at least 64)
     eval_seq_len: int = 2048  # the evaluator's fixed context; CPU labs use 512 (their model trains on 256)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     preset: str = "auto"  # auto | gpu | cpu: which size train.py builds (auto: by device)
@@ -208,6 +209,7 @@ def validate(config: Config, source: str = "config") -> None:
     need(lab.eval_seq_len >= 2, "lab.eval_seq_len", lab.eval_seq_len, "at least 2 tokens")
     need(lab.budget_tokens >= 0, "lab.budget_tokens", lab.budget_tokens, "0 (wall-clock budget only) or more")
     need(lab.eval_max_tokens >= 0, "lab.eval_max_tokens", lab.eval_max_tokens, "0 (the whole split) or more")
+    need(0 < lab.eval_check_share <= 1, "lab.eval_check_share", lab.eval_check_share, "above 0 and at most 1")
     need(0 <= lab.seed <= MAX_SEED, "lab.seed", lab.seed, f"between 0 and {MAX_SEED}")
     need(DEVICE.fullmatch(lab.device) is not None, "lab.device", lab.device, "auto, cpu, cuda or cuda:N")
     need(lab.preset in ("auto", "gpu", "cpu"), "lab.preset", lab.preset, "auto, gpu or cpu")

@@ -16,12 +16,15 @@ Causality, twice:
 - a probe first (fp32): a few random val windows, alone and with copies whose tokens after a
   position t (the first, the last but one, random ones between) differ; log-probabilities at
   positions <= t must not change, nor depend on the other windows of a batch;
-- then the whole scoring pass is verified: every window is sent twice, as it is (its nats are the
-  score) and with the tokens after a random position t replaced by val text from elsewhere (a
-  check), the two in random order and mixed into the same batches, so no call, shape or batch
-  tells a check from a scored window. The nats of the original targets at positions <= t must
-  agree; a model that leaks in any batch is ``invalid``. This doubles the scoring pass's forward
-  calls.
+- then the scoring pass is verified: a random share of the windows (``check_share``, at least
+  ``MIN_CHECKS``; 1.0 = every window) is sent twice, as it is (its nats are the score) and with
+  the tokens after a random position t replaced by val text from elsewhere (a check), the two in
+  random order and mixed into the same batches as the other windows, so no call, shape or batch
+  tells a check, or a checked window, from any other. The nats of the original targets at
+  positions <= t must agree; a model that leaks in a checked window is ``invalid``. A model that
+  leaks in a share f of its rows escapes with probability about (1 - f) ** (2 * checks): for a
+  leak in one batch in eight, below 1e-7 at the 64-check minimum. The checks add ``check_share``
+  to the scoring pass's forward calls.
 
 A model that fails is ``error``; one whose logits have the wrong shape, dtype or vocabulary, are
 not finite or are huge, that answers too slowly, or that leaves processes behind, is ``invalid``.
@@ -52,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nightlab.config import LabConfig
 from nightlab.lab import reaper
 from nightlab.lab.model_client import ModelProcess, ModelProcessError
 from nightlab.lab.model_process import (
@@ -85,6 +89,8 @@ DEFAULT_SEQ_LEN = 2048
 PROBE_WINDOWS = 2  # random val windows the causality probe checks
 PROBE_CUTS = 3  # random positions t per window, besides the first and the last but one
 PROBE_TOLERANCE = 1e-3  # |Δ log-prob| allowed: this much absolute plus this much relative (fp32)
+CHECK_SHARE = LabConfig.eval_check_share  # windows of the scoring pass sent again as a check
+MIN_CHECKS = 64  # ... and at least this many (or every window, if there are fewer)
 VERIFY_TOLERANCE = 1e-2  # |Δ nats| allowed between a window and its check (same kernels and shapes)
 LOGITS_BUDGET_BYTES = {"cpu": 16 << 20, "cuda": 4 << 30}  # fp32 logits per batch, for the default batch size
 # (on the CPU, tensors of 32 MB or more are fresh mmaps that fault in page by page on every batch: keep them small)
@@ -132,6 +138,7 @@ def evaluate(
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int | None = None,
     max_tokens: int = 0,
+    check_share: float = CHECK_SHARE,
     preset: str | None = None,
     weights_sha256: str | None = None,
     files: tuple[str, ...] = (),
@@ -140,7 +147,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``train.py``'s model with ``weights`` on the val split; never raises, returns eval.json's dict.
 
-    ``max_tokens`` > 0 scores only the first that many targets (quick CPU labs); ``preset`` is
+    ``max_tokens`` > 0 scores only the first that many targets (quick CPU labs); ``check_share``
+    of the windows (at least ``MIN_CHECKS``) are checked for a leak of later tokens; ``preset`` is
     handed to ``build_model()`` as ``NIGHTLAB_PRESET``; ``weights_sha256`` is the hash the runner
     took when training ended (the weights are refused if they changed since); ``files`` are
     other allowed files beside ``train_py`` that the model process gets a copy of; ``sandbox`` =
@@ -157,6 +165,8 @@ def evaluate(
         "seq_len": seq_len,
         "max_tokens": max_tokens,
         "causal": False,
+        "windows": 0,
+        "checked_windows": 0,
         "reason": "",
         "eval_s": 0.0,
         "corpus_hash": "",
@@ -168,6 +178,8 @@ def evaluate(
     try:
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        if not 0 < check_share <= 1:
+            raise ValueError(f"check_share must be above 0 and at most 1, got {check_share}")
         val = read_val_split(Path(data_dir))
         result["corpus_hash"] = val.corpus_hash
         if not Path(train_py).is_file():
@@ -184,7 +196,8 @@ def evaluate(
         rng = np.random.default_rng(result["probe_seed"])
         probes = plan_probes(val, seq_len, rng)
         plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size),
-                            max_tokens, rng)
+                            max_tokens, rng, check_share)
+        result.update(windows=len(plan.spans), checked_windows=int((plan.cuts >= 0).sum()))
         data = Path(weights).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if weights_sha256 and digest != weights_sha256:
@@ -343,9 +356,10 @@ def default_batch_size(device: str, seq_len: int, vocab_size: int) -> int:
 
 
 def plan_scoring(val: ValSplit, seq_len: int, batch_size: int, max_tokens: int,
-                 rng: np.random.Generator) -> ScoringPlan:
-    """Every (first ``max_tokens``) val target scored exactly once, and every window checked once:
-    the rows of windows and checks shuffled together into batches of one length."""
+                 rng: np.random.Generator, check_share: float = 1.0) -> ScoringPlan:
+    """Every (first ``max_tokens``) val target scored exactly once, and ``check_share`` of the
+    windows (at least ``MIN_CHECKS``, drawn at random) checked once: the rows of windows and checks
+    shuffled together into batches of one length."""
     n_targets = len(val.tokens) - 1
     if max_tokens > 0:
         n_targets = min(n_targets, max_tokens)
@@ -354,7 +368,10 @@ def plan_scoring(val: ValSplit, seq_len: int, batch_size: int, max_tokens: int,
     if not scored.any():
         raise ValueError("the val split has no scorable targets (every target is a special token)")
     spans = windows(n_targets, seq_len)
-    cuts = np.array([int(rng.integers(0, n - 1)) if n >= 2 else -1 for _, n in spans])
+    n_checks = min(len(spans), max(MIN_CHECKS, math.ceil(check_share * len(spans))))
+    checked = set(rng.choice(len(spans), size=n_checks, replace=False).tolist())
+    cuts = np.array([int(rng.integers(0, n - 1)) if n >= 2 and w in checked else -1
+                     for w, (_, n) in enumerate(spans)])
     rows: dict[int, list[tuple[int, bool]]] = {}  # length -> (window, is check)
     for w, (_, n) in enumerate(spans):
         rows.setdefault(n, []).append((w, False))
@@ -442,6 +459,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per window (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: by logits memory)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N targets (0 = all)")
+    p.add_argument("--check-share", type=float, default=CHECK_SHARE,
+                   help=f"share of the windows checked for a leak of later tokens, at least {MIN_CHECKS} "
+                        f"(1.0 = every window; default {CHECK_SHARE})")
     p.add_argument("--sandbox", default="none", choices=("none", "bwrap"), help="run the model process under bubblewrap")
     p.add_argument("--token-stdin", action="store_true",
                    help="read a line from stdin and write it into eval.json as 'token'")
@@ -459,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
+        check_share=args.check_share,
         preset=args.preset,
         weights_sha256=args.weights_sha256,
         files=tuple(args.files),

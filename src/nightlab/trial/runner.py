@@ -220,7 +220,8 @@ def judge_command(source: dict[str, bytes], folder: Path, weights: Path, weights
         sys.executable, "-I", "-m", "nightlab.lab.evaluate", "--train-py", str(folder / "train.py"),
         "--files", *[n for n in source if n != "train.py"], "--weights", str(weights), "--weights-sha256",
         weights_sha256, "--data", str(data_dir), "--out", str(out), "--device", device, "--preset", preset,
-        "--seq-len", str(config.lab.eval_seq_len), "--sandbox", sandbox_mode, "--token-stdin",
+        "--seq-len", str(config.lab.eval_seq_len), "--check-share", str(config.lab.eval_check_share),
+        "--sandbox", sandbox_mode, "--token-stdin",
     ]
     if config.lab.eval_max_tokens > 0:
         command += ["--max-tokens", str(config.lab.eval_max_tokens)]
