@@ -189,6 +189,13 @@ def evaluate(
         # Started first: it imports torch and starts its device while this process does the same and plans.
         model = ModelProcess(Path(train_py), device=device, preset=preset, manifest=val.manifest, files=files,
                              sandbox=sandbox, subreaper=subreaper)
+        data = Path(weights).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if weights_sha256 and digest != weights_sha256:
+            raise InvalidModel(f"the weights changed after training ended (sha256 {digest[:12]}..., the runner took "
+                               f"{weights_sha256[:12]}...)")
+        model.send_weights(data, digest)  # it builds the model while this process imports torch and plans
+        del data
         import torch  # deferred: heavy; imported while the model process starts
 
         if device.startswith("cuda"):
@@ -198,15 +205,9 @@ def evaluate(
         plan = plan_scoring(val, seq_len, batch_size or default_batch_size(device, seq_len, val.vocab_size),
                             max_tokens, rng, check_share)
         result.update(windows=len(plan.spans), checked_windows=int((plan.cuts >= 0).sum()))
-        data = Path(weights).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if weights_sha256 and digest != weights_sha256:
-            raise InvalidModel(f"the weights changed after training ended (sha256 {digest[:12]}..., the runner took "
-                               f"{weights_sha256[:12]}...)")
         stages["plan"] = time.perf_counter() - start
-        model.start(data, digest)
+        model.start()
         stages["model_start"] = time.perf_counter() - start
-        del data
         model.warm_up(max((b.inputs.shape for b in plan.batches), key=lambda s: s[0] * s[1]))
         stages["warm_up"] = time.perf_counter() - start
         check_causality(model, probes, val.vocab_size)

@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,35 @@ class ModelProcess:
         self.buffer = None  # CUDA: the logits buffer (a torch.Tensor) the model process writes into
         self.per_token_s: float | None = None  # a warm-up call's time per token
         self.seconds = 0.0  # time spent waiting for answers
+        self.sender: threading.Thread | None = None  # sends the weights (send_weights), joined by start
+        self.send_error: Exception | None = None
+        self.start_deadline = 0.0
 
-    def start(self, weights: bytes, weights_sha256: str, startup_s: float = STARTUP_S) -> None:
-        """Send the weights and wait until the model is built and loaded."""
+    def send_weights(self, weights: bytes, weights_sha256: str, startup_s: float = STARTUP_S) -> None:
+        """Hand the model process the weights from a thread, which it takes as soon as its torch is
+        imported, so that it builds the model while the scorer imports torch and plans; ``start`` waits."""
         header = {"sha256": weights_sha256, "device": self.device, "preset": self.preset,
                   "vocab_size": self.vocab_size}
-        deadline = time.monotonic() + startup_s
-        self._send(header, weights, deadline)
-        reply, _ = self._receive(deadline, "start (import train.py, build_model(), load the weights)")
+        self.start_deadline = time.monotonic() + startup_s
+
+        def send() -> None:
+            try:
+                self._send(header, weights, self.start_deadline)
+            except (InvalidModel, ModelProcessError, OSError) as e:
+                self.send_error = e
+
+        self.sender = threading.Thread(target=send, name="nightlab-weights", daemon=True)
+        self.sender.start()
+
+    def start(self) -> None:
+        """Wait until the model process has the weights and the model is built and loaded."""
+        assert self.sender is not None, "send_weights() first"
+        self.sender.join(max(0.0, self.start_deadline - time.monotonic()))
+        if self.sender.is_alive():
+            raise InvalidModel(f"the model process did not read its weights in time ({self._state()})")
+        if self.send_error is not None:
+            raise self.send_error
+        reply, _ = self._receive(self.start_deadline, "start (import train.py, build_model(), load the weights)")
         self._raise_for(reply)
 
     # -- asking for logits ------------------------------------------------------------------------
