@@ -19,6 +19,7 @@ from nightlab.night.outcome import outcome
 from nightlab.night.policy import noise_width
 from nightlab.night.scheduler import run_single
 from nightlab.night.store import JUDGED_KINDS
+from nightlab.night.trials import OUTSIDE, baseline_row, set_aside_disturbed
 from nightlab.report.data import load_night
 from nightlab.report.live import render_text, take_snapshot
 from nightlab.report.markdown import render_markdown
@@ -78,6 +79,7 @@ def test_a_trial_slowed_by_a_busy_sibling_is_disturbed_rerun_and_left_out_of_the
     assert slowed.tok_per_s < 0.8 * max(m.tok_per_s for m in judged)
     assert slowed.val_bpb > min(m.val_bpb for m in judged)  # it trained less: believed, it would mislead
     assert "disturbed:" in slowed.reason and any("seed 0 disturbed" in line for line in said)
+    assert slowed.outside_cores >= OUTSIDE and "cores busy" in slowed.reason  # the runner saw the sibling
     # The noise is that of the two undisturbed seeds, as if the busy process had never run.
     values = [m.val_bpb for m in judged]
     assert baseline.noise == pytest.approx(noise_width([values], floor=0.0))
@@ -92,3 +94,24 @@ def test_a_trial_slowed_by_a_busy_sibling_is_disturbed_rerun_and_left_out_of_the
     assert f"{ended.disturbed} disturbed trial(s) re-run" in ended.text()
     report = render_markdown(load_night(lab_dir))
     assert "- budget: 1.5s" in report and "re-run with the same seed, never judged" in report
+
+
+def test_a_trial_slow_while_the_machine_was_otherwise_idle_is_believed(tmp_path, data_dir):
+    """Slowness is a disturbance only with the runner's evidence of other processes at work; else
+    train.py slowed itself (as one could, on a run whose training loss disappoints, to have its
+    seed drawn again), and the trial is judged like any other. Real store, real lab."""
+    lab = open_lab(make_lab(tmp_path / "lab", lab_toml(), _working_standin()), data_dir)
+    exp = baseline_row(lab)
+    for seed, speed in ((1, 1000.0), (2, 1000.0)):
+        lab.store.add_measurement(exp.id, seed, "baseline", "ok", 2.0, tmp_path, tok_per_s=speed, shape="s",
+                                  outside_cores=0.0)
+    lab.store.add_measurement(exp.id, 0, "baseline", "ok", 2.5, tmp_path, tok_per_s=400.0, shape="s",
+                              outside_cores=0.05)  # slow, nothing else running
+    assert set_aside_disturbed(lab, exp) == [] and lab.store.get(exp.id).disturbed == 0
+    lab.store.add_measurement(exp.id, 3, "baseline", "ok", 2.5, tmp_path, tok_per_s=400.0, shape="s",
+                              outside_cores=None)  # not measured: no evidence either
+    assert set_aside_disturbed(lab, exp) == []
+    lab.store.add_measurement(exp.id, 4, "baseline", "ok", 2.5, tmp_path, tok_per_s=400.0, shape="s",
+                              outside_cores=1.6)  # slow while others kept 1.6 cores busy
+    assert set_aside_disturbed(lab, exp) == [4] and lab.store.get(exp.id).disturbed == 1
+    assert {m.seed for m in lab.store.measurements(exp.id)} == {0, 1, 2, 3}  # the believed stay judged

@@ -174,6 +174,10 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (run_tag, kind, best_id, keep_id, seed, budget_s)
     );
     """,
+    # 7: how busy the machine was outside a trial while it trained (a slow trial is disturbed only then)
+    """
+    ALTER TABLE measurements ADD COLUMN outside_cores REAL;  -- cores other processes kept busy, on average
+    """,
 )
 
 

@@ -112,6 +112,7 @@ class Measurement:
     tok_per_s: float | None = None  # training throughput (tokens/s)
     shape: str = ""  # the model's shape, "params:tokens per step": throughputs compare within one
     holdout_bpb: float | None = None  # this trial's model on the sealed holdout (scored after the verdict)
+    outside_cores: float | None = None  # cores other processes kept busy, on average, while it trained
 
 
 @dataclass(frozen=True)
@@ -276,13 +277,13 @@ class Store:
 
     def add_measurement(
         self, exp_id: int, seed: int, kind: str, status: str, val_bpb: float | None, run_dir: Path | str,
-        reason: str = "", tok_per_s: float | None = None, shape: str = "",
+        reason: str = "", tok_per_s: float | None = None, shape: str = "", outside_cores: float | None = None,
     ) -> Measurement:
         """Record one trial; recording the same (experiment, seed, kind) again replaces it."""
         self.conn.execute(
             "INSERT OR REPLACE INTO measurements (experiment_id, seed, kind, status, val_bpb, reason, run_dir,"
-            " created_at, tok_per_s, shape) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (exp_id, seed, kind, status, val_bpb, reason, str(run_dir), now(), tok_per_s, shape),
+            " created_at, tok_per_s, shape, outside_cores) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (exp_id, seed, kind, status, val_bpb, reason, str(run_dir), now(), tok_per_s, shape, outside_cores),
         )
         row = self.conn.execute(
             "SELECT * FROM measurements WHERE experiment_id = ? AND seed = ? AND kind = ?", (exp_id, seed, kind)

@@ -12,9 +12,12 @@ verdict in the row, with its val_bpb and noise in the same write → branch tip 
 keep: moved there).
 
 A trial whose throughput falls far below the run's other trials of the same model shape (under
-``SLOW`` of their median tokens/s) was slowed by something outside train.py: another process on
-the cores or the GPU. Under a wall-clock budget it trained on fewer tokens and its val_bpb says so,
-so it is set aside as ``disturbed`` (never judged, never in the noise) and its seed runs again.
+``SLOW`` of their median tokens/s) while other processes kept at least ``OUTSIDE`` cores busy (the
+runner's count, from the system's CPU time less the trial's own: nothing train.py reports) was
+slowed from outside. Under a wall-clock budget it trained on fewer tokens and its val_bpb says so,
+so it is set aside as ``disturbed`` (never judged, never in the noise) and its seed runs again. A
+trial that was slow while the machine was otherwise idle slowed itself, and is believed: else a
+train.py could slow down on a run whose training loss disappoints and have its seed drawn again.
 The check also looks back at the experiment's earlier trials, since the first trial of a run has
 nothing to compare with until the second is in.
 """
@@ -36,7 +39,8 @@ from nightlab.trial import sandbox
 from nightlab.trial.runner import TrialResult, runs_processes
 
 TRAIN_WORKTREE = "train"
-SLOW = 0.8  # a trial under this share of the median tokens/s of its shape's other trials is disturbed
+SLOW = 0.8  # a trial under this share of the median tokens/s of its shape's other trials is disturbed...
+OUTSIDE = 0.25  # ... if other processes kept at least this many cores busy on average while it trained
 MAX_DISTURBED = 3  # disturbed trials re-run per experiment; a slower one after that is believed
 
 
@@ -126,7 +130,8 @@ def record_trial(lab: Lab, exp: Experiment, trial: Trial, result: TrialResult) -
     else:
         lab.store.update(exp.id, stage="judge", pgid=None)
     lab.store.add_measurement(exp.id, trial.seed, trial.kind, result.status, result.val_bpb, trial_dir(lab, trial),
-                              result.reason, tok_per_s=throughput(result.summary), shape=shape_of(result.summary))
+                              result.reason, tok_per_s=throughput(result.summary), shape=shape_of(result.summary),
+                              outside_cores=result.outside_cores)
     if result.status == "ok":  # a failure is told once, with the experiment's verdict
         label = f"#{exp.id}" + (f" seed {trial.seed}" if trial.k else "")
         lab.say(f"{label} ok: val_bpb {result.val_bpb:.6f} ({result.total_s:.1f} s)")
@@ -170,9 +175,12 @@ def set_aside_disturbed(lab: Lab, exp: Experiment) -> list[int]:
         peers = [speed for other, shape, speed in speeds if shape == m.shape and other != m.id]
         if not peers or m.tok_per_s >= SLOW * statistics.median(peers):
             continue
+        if m.outside_cores is None or m.outside_cores < OUTSIDE:
+            continue  # slow with the machine to itself: train.py's own doing, believed
         typical = statistics.median(peers)
         why = (f"disturbed: {m.tok_per_s:,.0f} tokens/s, {m.tok_per_s / typical:.2f}x the median {typical:,.0f} "
-               f"of {len(peers)} other trial(s) of its shape; seed {m.seed} runs again")
+               f"of {len(peers)} other trial(s) of its shape, while other processes kept {m.outside_cores:.1f} "
+               f"cores busy; seed {m.seed} runs again")
         lab.store.mark_disturbed(m.id, why)
         speeds = [s for s in speeds if s[0] != m.id]
         seeds.append(m.seed)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from nightlab.config import Config
 from nightlab.lab import reaper
 from nightlab.lab.session import resolve_device, resolve_preset
@@ -64,6 +66,7 @@ class TrialResult:
     error: str = ""  # the traceback (of training or evaluation) if the log shows one, else the log's tail
     device: str = ""
     preset: str = ""
+    outside_cores: float | None = None  # cores other processes kept busy, on average, while it trained
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class _Stage:
     returncode: int | None  # None: stopped at the cap
     seconds: float
     survivors: list[str] = field(default_factory=list)  # processes of the stage still running after it, killed
+    outside_cores: float | None = None  # cores that processes outside the stage kept busy, on average, while it ran
 
 
 def run_trial(
@@ -146,7 +150,8 @@ def run_trial(
         train = replace(train, returncode=BWRAP_SIGNALED - train.returncode)  # bwrap exits 128 + N for signal N
     summary = with_epochs(_read_json(run_dir / "summary.json"), data_dir)
     log_tail = _tail(train_log)
-    base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, **common)
+    base = dict(summary=summary, train_s=train.seconds, log_tail=log_tail, outside_cores=train.outside_cores,
+                **common)
 
     if escaped := escaped_early + train.survivors + sandbox.escaped(run_dir):
         return _done(started, status="invalid", reason=_escaped_reason("train.py", escaped), error=log_tail, **base)
@@ -317,6 +322,7 @@ def _run_group(
     """Run ``command`` (or wait for a process already started) in its own group; stop the group
     at ``cap_s``. ``on_tick(seconds so far)`` is called while it runs."""
     started = time.monotonic()
+    load = _Load()
     report_fd = None
     if isinstance(command, subprocess.Popen):
         proc = command
@@ -336,17 +342,17 @@ def _run_group(
         if on_start:
             on_start(proc.pid)
         while True:
-            try:
-                returncode = proc.wait(timeout=POLL_S)
+            returncode = load.reap(proc)
+            if returncode is not None:
                 break
-            except subprocess.TimeoutExpired:
-                tracker.poll()
-                follower.poll()
-                elapsed = time.monotonic() - started
-                if elapsed > cap_s:
-                    break
-                if on_tick:
-                    on_tick(elapsed)
+            time.sleep(POLL_S)
+            tracker.poll()
+            follower.poll()
+            elapsed = time.monotonic() - started
+            if elapsed > cap_s:
+                break
+            if on_tick:
+                on_tick(elapsed)
     finally:
         tracker.poll()
         stop_group(proc.pid)
@@ -359,7 +365,61 @@ def _run_group(
             survivors = report.get("survivors", []) + survivors
             if isinstance(report.get("returncode"), int):
                 returncode = report["returncode"]  # the command's own (a signal as a negative number)
-    return _Stage(returncode=returncode, seconds=time.monotonic() - started, survivors=survivors)
+    return _Stage(returncode=returncode, seconds=time.monotonic() - started, survivors=survivors,
+                  outside_cores=load.outside_cores())
+
+
+class _Load:
+    """How busy the machine was outside one stage while it ran: the CPU time of every core (psutil's
+    system-wide counters, steal included) less the stage's own processes (the rusage of its root and
+    of the children it waited for, taken when it is reaped) and this process's (the orchestrator, the
+    log it follows), per second. A trial that ran slowly while nothing else ran slowed itself."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.busy0, self.own0 = _busy_cpu_s(), _own_cpu_s()
+        self.stage_cpu_s: float | None = None
+        self.ended = self.started
+        self.busy1 = self.own1 = 0.0
+
+    def reap(self, proc: subprocess.Popen) -> int | None:
+        """``proc``'s exit code if it has exited (reaped here, with its CPU time), else None."""
+        if proc.returncode is not None:
+            return proc.returncode
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: its status and CPU time are gone
+            return proc.poll()
+        if pid == 0:
+            return None
+        self.ended, self.busy1, self.own1 = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+        self.stage_cpu_s = usage.ru_utime + usage.ru_stime
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode
+
+    def outside_cores(self) -> float | None:
+        """Cores busy outside the stage on average (None: the stage did not end by itself, or unknown)."""
+        seconds = self.ended - self.started
+        if self.stage_cpu_s is None or seconds <= 0 or not self.busy0 or not self.busy1:
+            return None
+        outside = (self.busy1 - self.busy0) - self.stage_cpu_s - (self.own1 - self.own0)
+        return round(max(0.0, outside) / seconds, 3)
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds every core has spent busy since boot (0.0 where the system does not say)."""
+    try:
+        times = psutil.cpu_times()
+    except (OSError, RuntimeError, psutil.Error):
+        return 0.0
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # already in user and nice
+    return sum(times) - idle - guest
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _supervisor_report(fd: int) -> dict[str, Any]:
