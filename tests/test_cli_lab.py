@@ -19,7 +19,7 @@ from nightlab.cli import main
 def nightlab(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NIGHTLAB_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "nightlab", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1500)  # a guard against a hang; a loaded 2-core machine needs long
 
 
 @pytest.mark.slow
