@@ -67,6 +67,9 @@ def test_keeps_get_a_holdout_score_after_their_verdict(lab_dir, tmp_path, capsys
     files = write_report(lab_dir, tmp_path / "report")
     chart = files.html.with_name("holdout.png").read_bytes()
     assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
+    page, summary = files.html.read_text(), files.markdown.read_text()
+    assert f"Sealed holdout: {status['holdout']}" in page and page.count("data:image/png") == 3  # the chart too
+    assert f"- sealed holdout: {status['holdout']}" in summary
     assert files.results_tsv.read_text().splitlines()[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
 

@@ -429,6 +429,13 @@ def fmt_val(value: float | None, digits: int = 6) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_epochs(value: float | None) -> str:
+    """Passes over the train split: two decimals, or two significant digits below 0.1 (a short CPU night)."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
+
+
 def fmt_delta(value: float | None) -> str:
     return "" if value is None else policy.signed(value)
 

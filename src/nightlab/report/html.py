@@ -22,6 +22,7 @@ from nightlab.report.data import (
     costs,
     failure_groups,
     fmt_delta,
+    fmt_epochs,
     fmt_seconds,
     fmt_val,
     timeline,
@@ -31,7 +32,7 @@ TEMPLATE = "report.html.j2"
 
 
 def render_html(night: Night, charts: dict[str, bytes]) -> str:
-    """The whole page. ``charts`` maps ``progress`` and ``timeline`` to PNG bytes."""
+    """The whole page. ``charts`` maps ``progress``, ``timeline`` and ``holdout`` to PNG bytes."""
     spent = costs(night.rows)
     return _environment().get_template(TEMPLATE).render(
         night=night,
@@ -58,6 +59,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(
         val=fmt_val,
+        epochs=fmt_epochs,
         delta=fmt_delta,
         seconds=fmt_seconds,
         usd=lambda value: f"${value:.2f}",

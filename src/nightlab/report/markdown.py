@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nightlab.report.data import Night, busy_share, costs, failure_groups, fmt_delta, fmt_seconds, fmt_val, timeline
+from nightlab.report.data import Night, busy_share, costs, failure_groups, fmt_delta, fmt_epochs, fmt_seconds, fmt_val, timeline
 
 TOP = 10  # experiments in the leaderboard
 DESCRIPTION_CHARS = 80
@@ -36,6 +36,9 @@ def _headline(night: Night) -> list[str]:
             out.append(f"- baseline {fmt_val(base.exp.val_bpb)} → best {fmt_val(best.exp.val_bpb)}: "
                        f"{fmt_delta(-gain)} "
                        f"({-100 * gain / base.exp.val_bpb:+.2f} %)")
+    if (carried := night.carry) is not None:
+        line = f"- sealed holdout: {carried.text()}"
+        out.append(f"- **{line[2:]}**" if carried.alarm else line)
     for r in night.running:
         out.append(f"- running now: #{r.id} on {r.exp.worker}: {_clip(r.exp.description)}")
     return out + [""]
@@ -59,7 +62,7 @@ def _leaderboard(night: Night) -> list[str]:
         return []
     out = [f"## Leaderboard (top {min(TOP, len(measured))})", "",
            "| # | status | val_bpb | Δ parent | epochs | change |", "| ---: | --- | ---: | ---: | ---: | --- |"]
-    out += [f"| {r.id} | {r.status} | {fmt_val(r.exp.val_bpb)} | {fmt_delta(r.delta)} | {fmt_val(r.exp.epochs, 2)} | "
+    out += [f"| {r.id} | {r.status} | {fmt_val(r.exp.val_bpb)} | {fmt_delta(r.delta)} | {fmt_epochs(r.exp.epochs)} | "
             f"{_cell(r.exp.description)} |" for r in measured[:TOP]]
     return out + [""]
 

@@ -30,6 +30,7 @@ DPI = 110
 def progress_png(night: Night) -> bytes:
     """val_bpb of every experiment by its number, the running best as a staircase, kept changes labelled."""
     from matplotlib.figure import Figure  # deferred: matplotlib is heavy (1 s)
+    from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
 
     fig = Figure(figsize=(12, 6), dpi=DPI, layout="constrained")
@@ -76,6 +77,7 @@ def progress_png(night: Night) -> bytes:
                 ax.scatter([r.id for r in rows], [0.97] * len(rows), transform=edge, marker="x", s=30,
                            color=COLORS[status], zorder=3, label=f"{status} ({len(rows)})", clip_on=False)
     ax.set_xlabel("experiment #")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are whole numbers
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(f"run {night.run.tag}: {len(night.finished)} experiments, {len(night.kept)} kept")
     ax.grid(alpha=0.3)
