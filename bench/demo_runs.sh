@@ -18,7 +18,7 @@ for i in $(seq 1 "$n"); do
     fi
     nightlab demo > "$out/$cond-$i.log" 2>&1
     rc=$?
-    last=$(tail -n 1 "$out/$cond-$i.log" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')
-    echo "{\"commit\": \"$commit\", \"set\": \"$cond\", \"run\": $i, \"rc\": $rc, \"wall_s\": $(( $(date +%s) - start )), \"load_after\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"last_line\": $last}" >> "$out/runs.jsonl"
+    last=$(grep -h "experiment(s) kept" "$out/$cond-$i.log" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')
+    echo "{\"commit\": \"$commit\", \"set\": \"$cond\", \"run\": $i, \"rc\": $rc, \"wall_s\": $(( $(date +%s) - start )), \"load_after\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"ended_with\": $last}" >> "$out/runs.jsonl"
   done
 done
