@@ -110,7 +110,7 @@ def test_a_simulated_night_loses_nothing_and_runs_nothing_twice(tmp_path):
         twice = db.execute("SELECT COUNT(*) FROM (SELECT experiment_id, seed FROM measurements "
                            "GROUP BY experiment_id, seed HAVING COUNT(*) > 1)").fetchone()[0]
     assert measured == result.trainer_calls and twice == 0
-    kept = [e for e in result.rows if e.status == "keep"]
+    kept = sorted((e for e in result.rows if e.status == "keep"), key=lambda e: (e.finished_at, e.id))  # verdicts
     assert all(after.parent_commit == before.commit_sha for before, after in zip(kept, kept[1:]))
     assert {e.worker for e in rows if e.commit_sha} == {"sim0", "sim1", "sim2", "sim3"}
     assert len({e.agent for e in rows}) == 4

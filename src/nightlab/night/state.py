@@ -91,7 +91,7 @@ class Lab:
         return self.store.experiments(self.run.tag)
 
     def best(self) -> Experiment | None:
-        kept = self.store.select(self.run.tag, statuses=("keep",), limit=1, newest_first=True)
+        kept = self.store.select(self.run.tag, statuses=("keep",), limit=1, latest_verdict_first=True)
         return kept[0] if kept else None
 
     def best_commit(self) -> str:

@@ -230,9 +230,11 @@ class Store:
     def select(
         self, run_tag: str, *, statuses: tuple[str, ...] = (), agent: str | None = None, commit: str | None = None,
         kind: str | None = None, origin: int | None = None, limit: int | None = None, newest_first: bool = False,
-        by_val_bpb: bool = False,
+        by_val_bpb: bool = False, latest_verdict_first: bool = False,
     ) -> list[Experiment]:
-        """Experiments of a run that match every given filter, by id or (``by_val_bpb``) lowest val_bpb first."""
+        """Experiments of a run that match every given filter, by id, by lowest val_bpb (``by_val_bpb``)
+        or by their verdict's time, latest first (``latest_verdict_first``: a queued experiment moved
+        onto a new best can be judged after a row with a higher id)."""
         where, args = ["run_tag = ?"], [run_tag]
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
@@ -244,6 +246,9 @@ class Store:
         if by_val_bpb:
             where.append("val_bpb IS NOT NULL")
         order = "val_bpb, id" if by_val_bpb else f"id {'DESC' if newest_first else 'ASC'}"
+        if latest_verdict_first:
+            where.append("finished_at IS NOT NULL")
+            order = "finished_at DESC, id DESC"
         sql = f"SELECT * FROM experiments WHERE {' AND '.join(where)} ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
