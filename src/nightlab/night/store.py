@@ -246,9 +246,8 @@ class Store:
         if by_val_bpb:
             where.append("val_bpb IS NOT NULL")
         order = "val_bpb, id" if by_val_bpb else f"id {'DESC' if newest_first else 'ASC'}"
-        if latest_verdict_first:
-            where.append("finished_at IS NOT NULL")
-            order = "finished_at DESC, id DESC"
+        if latest_verdict_first:  # rows without a verdict's time (written by hand) last, newest id first
+            order = "finished_at IS NULL, finished_at DESC, id DESC"
         sql = f"SELECT * FROM experiments WHERE {' AND '.join(where)} ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
