@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from nightlab.night import checks, policy
 from nightlab.night.state import Lab
-from nightlab.night.store import Experiment
+from nightlab.night.store import Experiment, last_judged
 
 ABLATION, PRUNED = "ablation", "pruned"
 REVERT_WORKTREE = "finalize"
@@ -84,7 +84,7 @@ def finalize(lab: Lab, *, prune: bool = False) -> Finale:
     if not keeps:
         raise FinalizeError(f"run {lab.run.tag} has no keeps to finalize (only its baseline); "
                             "run more experiments first")
-    best, noise, used = keeps[-1], lab.noise(), seeds(lab)
+    best, noise, used = last_judged(keeps), lab.noise(), seeds(lab)
     total = (len(keeps) + 1 + prune) * len(used)  # the best, without each keep, the pruned chain
     step = [0]
 

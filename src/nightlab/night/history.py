@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nightlab.night.policy import signed
-from nightlab.night.store import FAILED, FINISHED, Experiment, Store
+from nightlab.night.store import FAILED, FINISHED, Experiment, Store, last_judged
 
 MAX_CHARS = 12000  # about 3,000 tokens
 DESCRIPTION_CHARS = 100
@@ -47,7 +47,7 @@ def render(experiments: Sequence[Experiment], noise: float | None = None, max_ch
     if not done:
         return "No experiments yet."
     kept = [e for e in done if e.status == "keep"]
-    best = kept[-1] if kept else None
+    best = last_judged(kept) if kept else None
     header = f"{len(done)} experiments (val_bpb, lower is better; delta against the current best)"
     if best is not None and best.val_bpb is not None:
         header += f"; best {best.val_bpb:.6f} at #{best.id}"
@@ -169,7 +169,7 @@ def digest(store: Store, run_tag: str, noise: float | None = None, max_chars: in
     if not total and not flying:
         return "No experiments yet."
     kept = store.select(run_tag, statuses=("keep",))
-    best = kept[-1] if kept else None
+    best = last_judged(kept) if kept else None
     best_val = best.val_bpb if best else None
     header = f"{total} experiments (val_bpb, lower is better; delta against the current best"
     header += ", also in noise widths)" if noise else ")"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nightlab.night.store import FINISHED, Experiment, Store
+from nightlab.night.store import FINISHED, Experiment, Store, last_judged
 
 
 @dataclass(frozen=True)
@@ -55,4 +55,4 @@ def outcome(store: Store, run_tag: str) -> Outcome:
                   if e.noise is not None), None)
     return Outcome(experiments=len(experiments), keeps=len(keeps), disturbed=sum(e.disturbed for e in rows),
                    budget=next((e.budget for e in reversed(rows) if e.budget), ""), baseline=baseline,
-                   best=keeps[-1] if keeps else baseline, noise=noise)
+                   best=last_judged(keeps) if keeps else baseline, noise=noise)

@@ -43,6 +43,12 @@ def _enter_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def last_judged(rows: list[Experiment]) -> Experiment:
+    """The row whose verdict came last (the best, among keeps): not always the highest id, since a
+    queued experiment moved onto a new best can be judged after a row with a higher id."""
+    return max(rows, key=lambda e: (e.finished_at is not None, e.finished_at or "", e.id))
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

@@ -24,7 +24,7 @@ from typing import Any
 from nightlab.paths import state_dir
 from nightlab.report.data import fmt_delta, fmt_seconds, fmt_val, parse_time, pick_run
 from nightlab.night import history, holdout
-from nightlab.night.store import Experiment, Store
+from nightlab.night.store import Experiment, Store, last_judged
 
 LEADERBOARD = 5
 EVENTS = 8
@@ -189,10 +189,10 @@ def take_snapshot(store: Store, lab_dir: Path | str, run_tag: str | None = None,
                       key=lambda e: e.val_bpb)  # type: ignore[arg-type, return-value]
     finished = sorted((e for e in experiments if e.finished), key=lambda e: e.finished_at or "")
     noise = next((e.noise for e in reversed(finished) if e.noise is not None), None)
-    carried = holdout.carry(baseline, keeps[-1] if keeps else None)
+    carried = holdout.carry(baseline, last_judged(keeps) if keeps else None)
     return Snapshot(
         run_tag=run.tag, branch=run.branch, taken_at=now.isoformat(timespec="seconds"), counts=counts,
-        best=entry(keeps[-1]) if keeps else None, baseline_val=baseline.val_bpb if baseline else None, noise=noise,
+        best=entry(last_judged(keeps)) if keeps else None, baseline_val=baseline.val_bpb if baseline else None, noise=noise,
         lanes=tuple(_lanes(store, lab_dir, experiments, now, budget_s)),
         leaderboard=tuple(entry(e) for e in measured[:LEADERBOARD]),
         events=tuple(_event(entry(e)) for e in finished[-EVENTS:]),
