@@ -19,7 +19,7 @@ import nightlab.night.git as real_git
 from nightlab.config import Config, dumps
 from nightlab.night import policy
 from nightlab.night.git import DiffStats
-from nightlab.night.store import FINISHED, Experiment, Run, Store
+from nightlab.night.store import FINISHED, Experiment, Run, Store, last_judged
 from nightlab.paths import state_dir
 from nightlab.trial.runner import Trainer, run_trial
 
@@ -91,8 +91,8 @@ class Lab:
         return self.store.experiments(self.run.tag)
 
     def best(self) -> Experiment | None:
-        kept = self.store.select(self.run.tag, statuses=("keep",), limit=1, latest_verdict_first=True)
-        return kept[0] if kept else None
+        kept = self.store.select(self.run.tag, statuses=("keep",))
+        return last_judged(kept) if kept else None
 
     def best_commit(self) -> str:
         best = self.best()

@@ -45,7 +45,8 @@ def _enter_wal(conn: sqlite3.Connection) -> None:
 
 def last_judged(rows: list[Experiment]) -> Experiment:
     """The row whose verdict came last (the best, among keeps): not always the highest id, since a
-    queued experiment moved onto a new best can be judged after a row with a higher id."""
+    queued experiment moved onto a new best can be judged after a row with a higher id. Rows without
+    a verdict's time (written by hand) come before any with one, by id."""
     return max(rows, key=lambda e: (e.finished_at is not None, e.finished_at or "", e.id))
 
 
@@ -236,11 +237,9 @@ class Store:
     def select(
         self, run_tag: str, *, statuses: tuple[str, ...] = (), agent: str | None = None, commit: str | None = None,
         kind: str | None = None, origin: int | None = None, limit: int | None = None, newest_first: bool = False,
-        by_val_bpb: bool = False, latest_verdict_first: bool = False,
+        by_val_bpb: bool = False,
     ) -> list[Experiment]:
-        """Experiments of a run that match every given filter, by id, by lowest val_bpb (``by_val_bpb``)
-        or by their verdict's time, latest first (``latest_verdict_first``: a queued experiment moved
-        onto a new best can be judged after a row with a higher id)."""
+        """Experiments of a run that match every given filter, by id or (``by_val_bpb``) lowest val_bpb first."""
         where, args = ["run_tag = ?"], [run_tag]
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
@@ -252,8 +251,6 @@ class Store:
         if by_val_bpb:
             where.append("val_bpb IS NOT NULL")
         order = "val_bpb, id" if by_val_bpb else f"id {'DESC' if newest_first else 'ASC'}"
-        if latest_verdict_first:  # rows without a verdict's time (written by hand) last, newest id first
-            order = "finished_at IS NULL, finished_at DESC, id DESC"
         sql = f"SELECT * FROM experiments WHERE {' AND '.join(where)} ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
